@@ -1,0 +1,180 @@
+"""The decoder's hyperparameters and their mapping to/from HF `config.json`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+SUPPORTED_ARCHITECTURES = {
+    "Qwen2ForCausalLM": "qwen2",
+    "LlamaForCausalLM": "llama",
+}
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_from_name(name: str | Any) -> Any:
+    """'bfloat16' -> jnp.bfloat16; a jnp dtype passes through."""
+    if isinstance(name, str):
+        if name not in _DTYPES:
+            raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
+        return _DTYPES[name]
+    return jnp.dtype(name).type
+
+
+def dtype_name(dtype: Any) -> str:
+    return jnp.dtype(dtype).name
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Qwen2/Qwen2.5 and Llama family decoder.
+
+    `param_dtype` is the storage dtype of weights; `dtype` the compute dtype of activations.
+    Attention softmax, logits and log-softmax are always fp32.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int = 0  # 0 -> hidden_size // num_heads
+    architecture: str = "qwen2"  # "qwen2" | "llama"
+    qkv_bias: bool = True
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # Llama-3 "llama3" scaling as sorted items
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    remat: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_heads} must be a multiple of "
+                f"num_key_value_heads={self.num_kv_heads}"
+            )
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}; expected one of {REMAT_POLICIES}")
+        if self.architecture not in SUPPORTED_ARCHITECTURES.values():
+            raise ValueError(f"architecture={self.architecture!r}; expected qwen2 or llama")
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return dict(self.rope_scaling) if self.rope_scaling else None
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ----------------------------------------------------------------- HF config.json
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any], **overrides: Any) -> "ModelConfig":
+        """Builds a config from an HF `config.json` dict (Qwen2ForCausalLM or LlamaForCausalLM)."""
+        archs = hf.get("architectures") or []
+        model_type = hf.get("model_type")
+        arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None and model_type in ("qwen2", "llama"):
+            arch = model_type
+        if arch is None:
+            raise ValueError(
+                f"unsupported architecture {archs or model_type!r} in config.json; "
+                f"supported: {sorted(SUPPORTED_ARCHITECTURES)}"
+            )
+        required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads"]
+        missing = [k for k in required if k not in hf]
+        if missing:
+            raise ValueError(f"config.json is missing {missing}; an HF Qwen2/Llama config has them")
+        scaling = hf.get("rope_scaling") or (hf.get("rope_parameters") or {})
+        scaling = dict(scaling) if scaling else {}
+        rope_theta = hf.get("rope_theta", scaling.get("rope_theta", 10000.0))
+        rope_type = scaling.get("rope_type", scaling.get("type"))
+        if rope_type in (None, "default"):
+            scaling_items = None
+        elif rope_type == "llama3":
+            keep = ("rope_type", "factor", "low_freq_factor", "high_freq_factor",
+                    "original_max_position_embeddings")
+            scaling_items = tuple(sorted((k, scaling[k] if k != "rope_type" else "llama3")
+                                         for k in keep if k in scaling or k == "rope_type"))
+        else:
+            raise ValueError(f"rope_scaling type {rope_type!r} is not supported (default, llama3)")
+        qkv_bias = hf.get("attention_bias", arch == "qwen2")
+        kwargs = dict(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=hf["num_attention_heads"],
+            num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            head_dim=hf.get("head_dim") or 0,
+            architecture=arch,
+            qkv_bias=bool(qkv_bias),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            rope_theta=float(rope_theta),
+            rope_scaling=scaling_items,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+        )
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_pretrained_dir(cls, path: str | Path, **overrides: Any) -> "ModelConfig":
+        cfg_path = Path(path) / "config.json"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(
+                f"{cfg_path} not found: a model directory needs an HF config.json "
+                "(and safetensors weights)"
+            )
+        return cls.from_hf_dict(json.loads(cfg_path.read_text()), **overrides)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The HF `config.json` that transformers/vLLM load this model with."""
+        is_qwen = self.architecture == "qwen2"
+        hf: dict[str, Any] = {
+            "architectures": ["Qwen2ForCausalLM" if is_qwen else "LlamaForCausalLM"],
+            "model_type": self.architecture,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling_dict,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "torch_dtype": self.param_dtype,
+            "initializer_range": 0.02,
+            "use_cache": True,
+            "attention_dropout": 0.0,
+        }
+        if is_qwen:
+            hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.num_layers)
+            if not self.qkv_bias:
+                raise ValueError("Qwen2 checkpoints always have q/k/v bias; use architecture=llama")
+        else:
+            hf.update(attention_bias=self.qkv_bias, mlp_bias=False, pretraining_tp=1)
+        if self.bos_token_id is not None:
+            hf["bos_token_id"] = self.bos_token_id
+        if self.eos_token_id is not None:
+            hf["eos_token_id"] = self.eos_token_id
+        return hf

@@ -1,0 +1,260 @@
+"""Qwen2 / Llama family decoder in Flax NNX with scanned layers and a KV-cache aware forward.
+
+Layer weights are stacked along a leading `layers` axis and the forward runs one `lax.scan` over
+them (compile time independent of depth), with a configurable remat policy. Weights are stored
+as [in, out] matrices. The same forward serves training (no cache), prefill and one-token decode
+(cache with per-row write offsets), so sampler and trainer log-probs come from one function.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from memagent_jax.models.model_config import ModelConfig, dtype_from_name
+
+_MASK_VALUE = -1e30  # finite, so fully-masked rows give a uniform softmax instead of NaN
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer: [layers, batch, cache_len, kv_heads, head_dim]."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def zeros(cls, config: ModelConfig, batch: int, length: int, dtype: Any = None) -> "KVCache":
+        dtype = dtype or dtype_from_name(config.dtype)
+        shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+# Logical axes of every weight (path -> names); sharding.py maps names to mesh axes.
+def param_logical_axes(config: ModelConfig) -> dict[str, tuple[str | None, ...]]:
+    """Logical axis names of each parameter, keyed by its '/'-joined path in the NNX state."""
+    axes: dict[str, tuple[str | None, ...]] = {
+        "embed": ("vocab", "embed"),
+        "final_norm": ("norm",),
+        "layers/input_norm": ("layers", "norm"),
+        "layers/post_norm": ("layers", "norm"),
+        "layers/q_proj": ("layers", "embed", "heads"),
+        "layers/k_proj": ("layers", "embed", "kv_heads"),
+        "layers/v_proj": ("layers", "embed", "kv_heads"),
+        "layers/o_proj": ("layers", "heads", "embed"),
+        "layers/gate_proj": ("layers", "embed", "mlp"),
+        "layers/up_proj": ("layers", "embed", "mlp"),
+        "layers/down_proj": ("layers", "mlp", "embed"),
+    }
+    if config.qkv_bias:
+        axes.update({
+            "layers/q_bias": ("layers", "heads"),
+            "layers/k_bias": ("layers", "kv_heads"),
+            "layers/v_bias": ("layers", "kv_heads"),
+        })
+    if not config.tie_word_embeddings:
+        axes["lm_head"] = ("embed", "vocab")
+    return axes
+
+
+def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of each parameter, keyed like `param_logical_axes`."""
+    L, D, F, V = config.num_layers, config.hidden_size, config.intermediate_size, config.vocab_size
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    shapes = {
+        "embed": (V, D), "final_norm": (D,),
+        "layers/input_norm": (L, D), "layers/post_norm": (L, D),
+        "layers/q_proj": (L, D, q), "layers/k_proj": (L, D, kv), "layers/v_proj": (L, D, kv),
+        "layers/o_proj": (L, q, D),
+        "layers/gate_proj": (L, D, F), "layers/up_proj": (L, D, F), "layers/down_proj": (L, F, D),
+        "layers/q_bias": (L, q), "layers/k_bias": (L, kv), "layers/v_bias": (L, kv),
+        "lm_head": (D, V),
+    }
+    return {k: shapes[k] for k in param_logical_axes(config)}
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder blocks' weights, stacked on a leading layer axis."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        pdtype = dtype_from_name(config.param_dtype)
+        init = nnx.initializers.normal(0.02)
+        for path, shape in param_shapes(config).items():
+            if not path.startswith("layers/"):
+                continue
+            name = path.split("/", 1)[1]
+            if name.endswith("norm"):
+                value = jnp.ones(shape, pdtype)
+            elif name.endswith("bias"):
+                value = jnp.zeros(shape, pdtype)
+            else:
+                value = init(rngs.params(), shape, pdtype)
+            setattr(self, name, nnx.Param(value))
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """RoPE inverse frequencies (fp32), with Llama-3 frequency scaling when configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    inv_freq = inv_freq.astype(np.float32)
+    scaling = config.rope_scaling_dict
+    if scaling and scaling.get("rope_type") == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotary embedding (rotate-half convention) on x [B, T, N, hd] at positions [B, T]."""
+    freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, hd/2]
+    cos = jnp.concatenate([jnp.cos(freqs)] * 2, axis=-1)[:, :, None, :].astype(x.dtype)
+    sin = jnp.concatenate([jnp.sin(freqs)] * 2, axis=-1)[:, :, None, :].astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm computed in fp32, cast back to the input dtype before the weight (as HF does)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention. q [B,T,H,hd]; k, v [B,S,K,hd]; mask [B,T,S] bool -> [B,T,H*hd]."""
+    B, T, H, hd = q.shape
+    K = k.shape[2]
+    q = q.reshape(B, T, K, H // K, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(hd)
+    scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
+    return out.reshape(B, T, H * hd)
+
+
+def _remat(fn: Any, policy: str) -> Any:
+    if policy == "none":
+        return fn
+    policies = {
+        "full": jax.checkpoint_policies.nothing_saveable,
+        "dots": jax.checkpoint_policies.checkpoint_dots,
+        "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    }
+    return jax.checkpoint(fn, policy=policies[policy], prevent_cse=False)
+
+
+class Decoder(nnx.Module):
+    """A causal LM: embed -> scanned blocks (GQA attention + SwiGLU MLP) -> RMSNorm -> logits."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        pdtype = dtype_from_name(config.param_dtype)
+        init = nnx.initializers.normal(0.02)
+        shapes = param_shapes(config)
+        self.embed = nnx.Param(init(rngs.params(), shapes["embed"], pdtype))
+        self.layers = DecoderLayers(config, rngs)
+        self.final_norm = nnx.Param(jnp.ones(shapes["final_norm"], pdtype))
+        if not config.tie_word_embeddings:
+            self.lm_head = nnx.Param(init(rngs.params(), shapes["lm_head"], pdtype))
+
+    # --------------------------------------------------------------------------- public
+    def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """Causal forward without cache: int32 [B, T] -> fp32 logits [B, T, V]."""
+        hidden, _ = self.hidden_states(input_ids, positions)
+        return self.logits(hidden)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Final-normed hidden states [..., D] -> fp32 logits [..., V]."""
+        w = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+        return jnp.einsum("...d,dv->...v", hidden, w.astype(hidden.dtype),
+                          preferred_element_type=jnp.float32)
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        *,
+        cache: KVCache | None = None,
+        cache_index: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Runs the blocks; returns final-normed hidden states [B, T, D] and the updated cache.
+
+        Without a cache the attention is causal over the T tokens (right padding is harmless).
+        With a cache, row b's T new keys/values are written at slots cache_index[b] ... + T - 1
+        and query t attends to slots <= cache_index[b] + t: prefill is cache_index = 0, one-token
+        decode is cache_index = the row's current length. Positions default to slot indices.
+        """
+        cfg = self.config
+        dtype = dtype_from_name(cfg.dtype)
+        B, T = input_ids.shape
+        offset = jnp.zeros((B,), jnp.int32) if cache_index is None else cache_index.astype(jnp.int32)
+        if positions is None:
+            positions = offset[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+        x = self.embed[...][input_ids].astype(dtype)
+        inv_freq = jnp.asarray(rope_inv_freq(cfg))
+        layer_params = {
+            path.split("/", 1)[1]: getattr(self.layers, path.split("/", 1)[1])[...]
+            for path in param_logical_axes(cfg) if path.startswith("layers/")
+        }
+
+        if cache is None:
+            mask = jnp.tril(jnp.ones((T, T), bool))[None].repeat(B, axis=0)
+        else:
+            slots = jnp.arange(cache.k.shape[2], dtype=jnp.int32)
+            query_slot = offset[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+            mask = slots[None, None, :] <= query_slot[:, :, None]
+
+        def block(carry: Any, xs: Any) -> tuple[Any, None]:
+            h, ck, cv = carry
+            p, i = xs
+            a = rms_norm(h, p["input_norm"], cfg.rms_norm_eps)
+            q = a @ p["q_proj"].astype(dtype)
+            k = a @ p["k_proj"].astype(dtype)
+            v = a @ p["v_proj"].astype(dtype)
+            if cfg.qkv_bias:
+                q, k, v = (q + p["q_bias"].astype(dtype), k + p["k_bias"].astype(dtype),
+                           v + p["v_bias"].astype(dtype))
+            q = apply_rope(q.reshape(B, T, cfg.num_heads, cfg.head_dim), positions, inv_freq)
+            k = apply_rope(k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim), positions, inv_freq)
+            v = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+            if ck is not None:
+                write = jax.vmap(lambda c, new, o: jax.lax.dynamic_update_slice(c, new, (o, 0, 0)))
+                layer_k = write(ck[i], k.astype(ck.dtype), offset)
+                layer_v = write(cv[i], v.astype(cv.dtype), offset)
+                ck = jax.lax.dynamic_update_index_in_dim(ck, layer_k, i, axis=0)
+                cv = jax.lax.dynamic_update_index_in_dim(cv, layer_v, i, axis=0)
+                k, v = layer_k.astype(dtype), layer_v.astype(dtype)
+            h = h + attention(q, k, v, mask) @ p["o_proj"].astype(dtype)
+            m = rms_norm(h, p["post_norm"], cfg.rms_norm_eps)
+            gated = jax.nn.silu(m @ p["gate_proj"].astype(dtype)) * (m @ p["up_proj"].astype(dtype))
+            h = h + gated @ p["down_proj"].astype(dtype)
+            return (h, ck, cv), None
+
+        carry = (x, None if cache is None else cache.k, None if cache is None else cache.v)
+        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (x, ck, cv), _ = jax.lax.scan(_remat(block, cfg.remat), carry, (layer_params, layer_ids))
+        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+        return x, (None if cache is None else KVCache(ck, cv))
+
+
+def init_model(config: ModelConfig, seed: int = 0) -> Decoder:
+    """A randomly initialised decoder (normal(0.02) weights, unit norms, zero biases)."""
+    return Decoder(config, rngs=nnx.Rngs(seed))
+
+
+def count_params(config: ModelConfig) -> int:
+    """Number of parameters of a decoder with this config."""
+    return int(sum(np.prod(s) for s in param_shapes(config).values()))

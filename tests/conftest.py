@@ -1,0 +1,31 @@
+"""Shared test set-up: CPU JAX, repo root importable, tiny HF checkpoints as fixtures."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parent.parent
+for p in (str(ROOT), str(ROOT / "tests")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import pytest  # noqa: E402
+
+SHARED_DATA = ROOT.parent / "shared" / "data"
+TEST_DATA = ROOT / "tests" / "data"
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory):
+    """kind -> (directory, torch model) for the three tiny random checkpoints."""
+    from hf_models import save_hf_model
+
+    out = {}
+    for kind in ("qwen2", "qwen2_tied", "llama"):
+        path = tmp_path_factory.mktemp(kind)
+        out[kind] = (path, save_hf_model(kind, path))
+    return out
