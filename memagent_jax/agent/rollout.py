@@ -1,0 +1,232 @@
+"""Multi-conversation rollout: B documents x G group members -> conversations and trajectories.
+
+Step k gathers the k-th memory conversation of every trajectory whose document still has a k-th
+chunk into ONE `generate_fn` call (each row is an independent context); after the last step all
+final conversations go out in one more call. Prompts are assembled from token ids (question,
+memory, chunk spliced into the cached template pieces); a memory reply becomes the next memory
+ids directly (after the policy's strip/cap), never via decode/re-encode.
+
+`generate_fn(prompts, *, max_new_tokens, seed, **sampling) -> SampleOutput` (docs/CONTRACTS.md);
+`sampling` holds only the temperature/top_p/top_k that were set in `gen_kwargs`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from memagent_jax.agent.memory import MemoryPolicy
+from memagent_jax.agent.prompts import PromptBuilder
+from memagent_jax.types import Conversation, ConversationBatch, SampleOutput, Trajectory
+
+GenerateFn = Callable[..., SampleOutput]
+GEN_DEFAULTS: dict[str, Any] = {
+    "max_memory_new_tokens": 1024,
+    "max_final_new_tokens": 1024,
+    "temperature": None,  # None: leave it to generate_fn's own default
+    "top_p": None,
+    "top_k": None,
+    "seed": 0,
+}
+
+
+@dataclasses.dataclass
+class RolloutResult:
+    """Flat conversations (for the loss), per-trajectory records (for rewards) and stats."""
+
+    conversations: list[Conversation]
+    trajectories: list[Trajectory]
+    stats: dict[str, Any]
+    pad_id: int = 0
+
+    def to_batch(
+        self, advantages_per_trajectory: Sequence[float] | np.ndarray | None = None, pad_to_multiple: int = 1
+    ) -> ConversationBatch:
+        """Right-padded arrays of prompt+response rows; advantages broadcast from trajectories.
+
+        `advantages_per_trajectory[i]` belongs to trajectory i (default: each trajectory's
+        `.advantage`). The time axis is padded to a multiple of `pad_to_multiple`.
+        """
+        if advantages_per_trajectory is None:
+            adv = np.array([t.advantage for t in self.trajectories], np.float32)
+        else:
+            adv = np.asarray(advantages_per_trajectory, np.float32).reshape(-1)
+            if adv.shape[0] != len(self.trajectories):
+                raise ValueError(f"to_batch: got {adv.shape[0]} advantages for {len(self.trajectories)} trajectories")
+        n = len(self.conversations)
+        longest = max((len(c.prompt) + len(c.response) for c in self.conversations), default=1)
+        width = max(1, math.ceil(longest / max(1, pad_to_multiple)) * max(1, pad_to_multiple))
+        tokens = np.full((n, width), self.pad_id, np.int32)
+        mask = np.zeros((n, width), np.float32)
+        logps = np.zeros((n, width), np.float32)
+        for i, c in enumerate(self.conversations):
+            p, r = len(c.prompt), len(c.response)
+            tokens[i, :p], tokens[i, p : p + r] = c.prompt, c.response
+            mask[i, p : p + r] = 1.0
+            logps[i, p : p + r] = c.sampler_logps
+        traj = np.array([c.trajectory_id for c in self.conversations], np.int32)
+        return ConversationBatch(
+            tokens=tokens,
+            response_mask=mask,
+            advantages=adv[traj][:, None] * mask,
+            sampler_logps=logps,
+            trajectory_ids=traj,
+            group_ids=np.array([c.group_id for c in self.conversations], np.int32),
+            is_final=np.array([c.is_final for c in self.conversations], bool),
+        )
+
+
+@dataclasses.dataclass
+class _Doc:
+    question_ids: list[int]
+    chunks: list[list[int]]
+    initial_memory: list[int]
+    answers: list[str]
+    num_tokens: int  # document length in tokens (before any truncation)
+
+
+def _prepare(samples: Sequence[Mapping[str, Any]], policy: MemoryPolicy, builder: PromptBuilder,
+             tokenizer: Any, training: bool, question_budget: int | None) -> list[_Doc]:
+    """Tokenize each document once, check budgets, split into chunks."""
+    docs = []
+    for b, s in enumerate(samples):
+        if not isinstance(s.get("question"), str) or not isinstance(s.get("context"), str):
+            raise ValueError(f"sample {b}: needs string 'question' and 'context' fields, got keys {sorted(s)}")
+        q_ids = tokenizer.encode(s["question"])
+        if question_budget is not None and len(q_ids) > question_budget:
+            raise ValueError(f"sample {b}: the question is {len(q_ids)} tokens, over question_budget="
+                             f"{question_budget}; shorten it or raise question_budget")
+        doc_ids = tokenizer.encode(s["context"])
+        if not doc_ids:
+            warnings.warn(f"sample {b}: empty document; the agent answers from the first memory "
+                          "with zero memory turns", stacklevel=3)
+        answers = s.get("answers", [])
+        docs.append(_Doc(q_ids, policy.split(doc_ids, training=training),
+                         list(policy.initial_memory(builder, doc_ids)),
+                         [answers] if isinstance(answers, str) else list(answers), len(doc_ids)))
+    return docs
+
+
+class _Caller:
+    """Runs one batched generate call and records its rows as conversations."""
+
+    def __init__(self, generate_fn: GenerateFn, sampling: dict[str, Any]) -> None:
+        self.generate_fn, self.sampling = generate_fn, sampling
+        self.conversations: list[Conversation] = []
+        self.rows_per_call: list[int] = []
+
+    def __call__(self, trajs: list[Trajectory], prompts: list[list[int]], *, is_final: bool,
+                 turn: int, max_new_tokens: int, seed: int) -> list[list[int]]:
+        out = self.generate_fn(prompts, max_new_tokens=max_new_tokens, seed=seed, **self.sampling)
+        if not (len(out.tokens) == len(out.logps) == len(out.finish_reasons) == len(prompts)):
+            raise ValueError(f"generate_fn returned {len(out.tokens)} rows for {len(prompts)} prompts")
+        self.rows_per_call.append(len(prompts))
+        for t, prompt, toks, lps, fin in zip(trajs, prompts, out.tokens, out.logps, out.finish_reasons):
+            if len(lps) != len(toks):
+                raise ValueError(f"generate_fn returned {len(lps)} logps for {len(toks)} tokens")
+            t.conversation_ids.append(len(self.conversations))
+            self.conversations.append(Conversation(
+                prompt=list(prompt), response=[int(x) for x in toks], sampler_logps=[float(x) for x in lps],
+                trajectory_id=t.trajectory_id, group_id=t.group_id,
+                turn=t.num_chunks if is_final else turn, is_final=is_final, finish_reason=str(fin)))
+        return [list(x) for x in out.tokens]
+
+
+def rollout(
+    samples: Sequence[Mapping[str, Any]],
+    *,
+    policy: MemoryPolicy,
+    builder: PromptBuilder,
+    tokenizer: Any,
+    generate_fn: GenerateFn,
+    group_size: int = 1,
+    training: bool = True,
+    gen_kwargs: Mapping[str, Any] | None = None,
+    question_budget: int | None = 1024,
+) -> RolloutResult:
+    """Run the memory agent on `samples` ({"question", "context", "answers"}) x `group_size`.
+
+    Trajectory i = b * group_size + g reads document b. Call k (memory step k, then the final
+    step) uses seed `gen_kwargs["seed"] + k`, so the same seed reproduces the same rollout.
+    """
+    unknown = set(gen_kwargs or {}) - set(GEN_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown gen_kwargs {sorted(unknown)}; known: {sorted(GEN_DEFAULTS)}")
+    gen = {**GEN_DEFAULTS, **(gen_kwargs or {})}
+    if not samples or group_size < 1:
+        raise ValueError(f"rollout needs >= 1 sample and group_size >= 1 (got {len(samples)}, {group_size})")
+    docs = _prepare(samples, policy, builder, tokenizer, training, question_budget)
+    trajs = [Trajectory(trajectory_id=b * group_size + g, group_id=b, conversation_ids=[],
+                        num_chunks=len(d.chunks), answer_text="", ground_truths=list(d.answers))
+             for b, d in enumerate(docs) for g in range(group_size)]
+    memory = [list(docs[t.group_id].initial_memory) for t in trajs]
+    call = _Caller(generate_fn, {k: gen[k] for k in ("temperature", "top_p", "top_k") if gen[k] is not None})
+    num_steps = max(len(d.chunks) for d in docs)
+
+    for k in range(num_steps):  # memory turns: every trajectory that still has a k-th chunk
+        active = [t for t in trajs if k < t.num_chunks]
+        prompts = [policy.turn_prompt(builder, docs[t.group_id].question_ids, memory[t.trajectory_id],
+                                      docs[t.group_id].chunks[k]) for t in active]
+        replies = call(active, prompts, is_final=False, turn=k,
+                       max_new_tokens=gen["max_memory_new_tokens"], seed=gen["seed"] + k)
+        for t, reply in zip(active, replies):
+            memory[t.trajectory_id], capped = policy.update(memory[t.trajectory_id], reply, tokenizer)
+            t.memory_capped_turns += int(capped)
+            t.memories.append(tokenizer.decode(memory[t.trajectory_id]))
+
+    prompts = [policy.final_prompt(builder, docs[t.group_id].question_ids, memory[t.trajectory_id]) for t in trajs]
+    replies = call(trajs, prompts, is_final=True, turn=num_steps,
+                   max_new_tokens=gen["max_final_new_tokens"], seed=gen["seed"] + num_steps)
+    for t, reply in zip(trajs, replies):
+        t.answer_text = tokenizer.decode(reply)
+
+    stats = _stats(call, trajs, docs)
+    return RolloutResult(call.conversations, trajs, stats, pad_id=int(tokenizer.pad_id))
+
+
+def _stats(call: _Caller, trajs: list[Trajectory], docs: list[_Doc]) -> dict[str, Any]:
+    """Counts and means over one rollout."""
+    convs = call.conversations
+
+    def mean_len(cs: list[Conversation]) -> float:
+        return float(np.mean([len(c.response) for c in cs])) if cs else 0.0
+
+    mem, fin = [c for c in convs if not c.is_final], [c for c in convs if c.is_final]
+    return {
+        "num_calls": len(call.rows_per_call),
+        "rows_per_call": list(call.rows_per_call),
+        "num_conversations": len(convs),
+        "num_trajectories": len(trajs),
+        "memory_capped": sum(t.memory_capped_turns for t in trajs),
+        "finish_length_memory": sum(c.finish_reason == "length" for c in mem),
+        "finish_length_final": sum(c.finish_reason == "length" for c in fin),
+        "mean_response_length": mean_len(convs),
+        "mean_memory_response_length": mean_len(mem),
+        "mean_final_response_length": mean_len(fin),
+        "chunks_per_doc": [len(d.chunks) for d in docs],
+        "doc_tokens": [d.num_tokens for d in docs],
+        "empty_documents": sum(d.num_tokens == 0 for d in docs),
+        "max_prompt_length": max(len(c.prompt) for c in convs),
+    }
+
+
+def sampler_generate_fn(model: Any, tokenizer: Any, **defaults: Any) -> GenerateFn:
+    """Adapt `memagent_jax.sampler.generate` to the rollout's `generate_fn`.
+
+    `defaults` (temperature, top_p, top_k, mesh, ...) apply to every call; keyword arguments
+    given by the rollout override them. EOS ids and the vocabulary limit come from the tokenizer.
+    """
+    from memagent_jax import sampler  # lazy: keeps the agent importable without the model stack
+
+    base = {"eos_ids": tuple(tokenizer.eos_ids), "vocab_limit": int(tokenizer.vocab_size), **defaults}
+
+    def generate_fn(prompts: list[list[int]], *, max_new_tokens: int, seed: int, **overrides: Any) -> SampleOutput:
+        kwargs = {**base, **{k: v for k, v in overrides.items() if v is not None}}
+        return sampler.generate(model, prompts, max_new_tokens=max_new_tokens, seed=seed, **kwargs)
+
+    return generate_fn
