@@ -1,0 +1,308 @@
+"""Batched generation: chunked prefill, then a decode loop inside one jitted `lax.while_loop`.
+
+One compiled program per (row bucket, unique-prompt bucket, prompt-length bucket, new-token
+bucket): sampling parameters (temperature, top-p, top-k, max_new_tokens, stop ids) are traced
+values, so a long RL run compiles a bounded, counted number of programs. The KV cache and the
+sampling state are created inside the program and updated in place by the while loop; nothing
+returns to the host until every row has finished.
+
+Log-probs are the full-vocabulary fp32 log-softmax of logits / T at the sampled id (greedy: T=1),
+exactly what the trainer recomputes with the same forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from memagent_jax.models.sharding import (
+    DECODE_RULES,
+    batch_multiple,
+    batch_sharding,
+    cache_sharding,
+    param_shardings,
+)
+from memagent_jax.models.transformer import Decoder, KVCache
+from memagent_jax.types import SampleOutput
+
+MAX_STOP_IDS = 8
+_NEG = -1e30
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Smallest size >= n from {minimum * 2^k} U {minimum * 1.5 * 2^k} (<= 50% padding)."""
+    size = minimum
+    while size < n:
+        if size * 3 // 2 >= n and (size * 3 // 2) % minimum == 0:
+            return size * 3 // 2
+        size *= 2
+    return size
+
+
+def _pow2_bucket(n: int, minimum: int = 1) -> int:
+    size = minimum
+    while size < n:
+        size *= 2
+    return size
+
+
+@dataclasses.dataclass
+class SamplerStats:
+    """Compilations so far (one per distinct program shape) and calls."""
+
+    compilations: int = 0
+    calls: int = 0
+    shapes: set = dataclasses.field(default_factory=set)
+
+
+STATS = SamplerStats()
+
+
+def compile_count() -> int:
+    """How many sampler programs have been traced in this process."""
+    return STATS.compilations
+
+
+def filter_logits(logits: jax.Array, top_p: jax.Array, top_k: jax.Array) -> jax.Array:
+    """Masks logits [B, V] outside the top-k ids and outside the top-p nucleus (traced k, p).
+
+    top_k <= 0 disables top-k; top_p >= 1 disables top-p. The sort is skipped when both are off.
+    """
+
+    def apply(lg: jax.Array) -> jax.Array:
+        order = jnp.argsort(-lg, axis=-1)
+        sorted_lg = jnp.take_along_axis(lg, order, axis=-1)
+        rank = jnp.arange(lg.shape[-1])[None, :]
+        keep = jnp.where(top_k > 0, rank < top_k, True)
+        probs = jax.nn.softmax(jnp.where(keep, sorted_lg, _NEG), axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly better ids
+        keep = keep & ((before < top_p) | (rank == 0))
+        inverse = jnp.argsort(order, axis=-1)
+        return jnp.where(jnp.take_along_axis(keep, inverse, axis=-1), lg, _NEG)
+
+    return jax.lax.cond((top_k > 0) | (top_p < 1.0), apply, lambda lg: lg, logits)
+
+
+def _sample_step(logits: jax.Array, keys: jax.Array, step: jax.Array, params: dict[str, jax.Array]
+                 ) -> tuple[jax.Array, jax.Array]:
+    """One token per row from fp32 logits [B, V]; returns (ids, full-vocab log-probs of ids)."""
+    temperature = params["temperature"]
+    greedy = temperature <= 0
+    scaled = logits / jnp.where(greedy, 1.0, temperature)
+    vocab_ok = jnp.arange(logits.shape[-1])[None, :] < params["vocab_limit"]
+    masked = jnp.where(vocab_ok, scaled, _NEG)
+    filtered = filter_logits(masked, params["top_p"], params["top_k"])
+    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
+    sampled = jax.vmap(jax.random.categorical)(step_keys, filtered)
+    ids = jnp.where(greedy, jnp.argmax(masked, axis=-1), sampled).astype(jnp.int32)
+    logps = jax.nn.log_softmax(scaled, axis=-1)
+    return ids, jnp.take_along_axis(logps, ids[:, None], axis=-1)[:, 0]
+
+
+def _prefill(model: Decoder, ids: jax.Array, lens: jax.Array, cache: KVCache, chunk: int
+             ) -> tuple[jax.Array, KVCache]:
+    """Writes the prompts into the cache in chunks of `chunk` tokens (bounded attention memory);
+    returns fp32 logits at each row's last prompt token [U, V] and the cache."""
+    U, P = ids.shape
+    n_chunks = P // chunk
+    last = jnp.zeros((U, model.config.hidden_size), jnp.dtype(model.config.dtype))
+
+    def body(c: jax.Array, carry: tuple[jax.Array, KVCache]) -> tuple[jax.Array, KVCache]:
+        last, cache = carry
+        start = c * chunk
+        piece = jax.lax.dynamic_slice_in_dim(ids, start, chunk, axis=1)
+        hidden, cache = model.hidden_states(piece, cache=cache, cache_index=jnp.full((U,), start))
+        local = lens - 1 - start
+        here = (local >= 0) & (local < chunk)
+        picked = jnp.take_along_axis(hidden, jnp.clip(local, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
+        return jnp.where(here[:, None], picked, last), cache
+
+    if n_chunks == 1:
+        last, cache = body(jnp.int32(0), (last, cache))
+    else:
+        last, cache = jax.lax.fori_loop(0, n_chunks, body, (last, cache))
+    return model.logits(last), cache
+
+
+def _program(graphdef: Any, state: Any, prompt_ids: jax.Array, prompt_lens: jax.Array,
+             row_to_unique: jax.Array, row_keys: jax.Array, params: dict[str, jax.Array], *,
+             max_new_bucket: int, prefill_chunk: int, mesh: Any) -> tuple[jax.Array, ...]:
+    """The whole generation for one batch: prefill unique prompts, share, decode until done."""
+    STATS.compilations += 1  # runs at trace time only: counts compiled programs
+    model = nnx.merge(graphdef, state)
+    cfg = model.config
+    U, P = prompt_ids.shape
+    B = row_to_unique.shape[0]
+    S = P + max_new_bucket
+
+    def constrain(x: jax.Array, sharding: Any) -> jax.Array:
+        return x if mesh is None else jax.lax.with_sharding_constraint(x, sharding)
+
+    cache = KVCache.zeros(cfg, U, S)
+    logits_u, cache = _prefill(model, prompt_ids, prompt_lens, cache, prefill_chunk)
+    cache_spec = None if mesh is None else cache_sharding(mesh, DECODE_RULES)
+    row_spec = None if mesh is None else batch_sharding(mesh, DECODE_RULES, 2)
+    cache = KVCache(constrain(cache.k[:, row_to_unique], cache_spec),
+                    constrain(cache.v[:, row_to_unique], cache_spec))
+    logits = constrain(logits_u[row_to_unique], row_spec)
+    lens = prompt_lens[row_to_unique]
+    stop_ids = params["stop_ids"]
+    max_new = params["max_new_tokens"]
+
+    init = dict(
+        step=jnp.int32(0), cache=cache, logits=logits,
+        tokens=jnp.zeros((B, max_new_bucket), jnp.int32),
+        logps=jnp.zeros((B, max_new_bucket), jnp.float32),
+        done=params["row_valid"] == 0,  # padding rows start finished
+        length=jnp.zeros((B,), jnp.int32),
+    )
+
+    def cond(s: dict[str, Any]) -> jax.Array:
+        return (s["step"] < max_new) & ~jnp.all(s["done"])
+
+    def body(s: dict[str, Any]) -> dict[str, Any]:
+        step = s["step"]
+        ids, lp = _sample_step(s["logits"], row_keys, step, params)
+        active = ~s["done"]
+        ids = jnp.where(active, ids, 0)
+        tokens = jax.lax.dynamic_update_index_in_dim(s["tokens"], ids, step, axis=1)
+        logps = jax.lax.dynamic_update_index_in_dim(s["logps"], jnp.where(active, lp, 0.0), step, 1)
+        length = s["length"] + active.astype(jnp.int32)
+        hit_stop = jnp.any(ids[:, None] == stop_ids[None, :], axis=-1)
+        done = s["done"] | (active & hit_stop) | (length >= max_new)
+        hidden, cache = model.hidden_states(ids[:, None], cache=s["cache"], cache_index=lens + step)
+        return dict(step=step + 1, cache=cache, logits=model.logits(hidden)[:, 0], tokens=tokens,
+                    logps=logps, done=done, length=length)
+
+    out = jax.lax.while_loop(cond, body, init)
+    return out["tokens"], out["logps"], out["length"]
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(graphdef: Any, max_new_bucket: int, prefill_chunk: int, mesh: Any) -> Any:
+    fn = functools.partial(_program, max_new_bucket=max_new_bucket, prefill_chunk=prefill_chunk,
+                           mesh=mesh)
+    return jax.jit(fn, static_argnums=0)
+
+
+def _validate(prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
+              top_p: float, top_k: int, max_prompt_len: int) -> None:
+    if len(prompts) == 0:
+        raise ValueError("generate() got no prompts: pass a non-empty list of token-id lists")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+        if len(p) > max_prompt_len:
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens, more than max_prompt_len={max_prompt_len}; "
+                "shorten it or raise max_prompt_len (bounded by the model's position range)"
+            )
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+
+
+def decode_state(model: Decoder, mesh: jax.sharding.Mesh | None) -> tuple[Any, Any]:
+    """(graphdef, state) with weights laid out by the decode rules on `mesh` (no-op if already)."""
+    graphdef, state = nnx.split(model)
+    if mesh is not None:
+        shardings = param_shardings(model.config, mesh, DECODE_RULES)
+        flat = {p: jax.device_put(v.get_value(), shardings["/".join(map(str, p))])
+                for p, v in nnx.to_flat_state(state)}
+        state = nnx.from_flat_state(flat)
+    return graphdef, state
+
+
+def generate(
+    model: Decoder,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    eos_ids: Sequence[int] = (),
+    seed: int = 0,
+    mesh: jax.sharding.Mesh | None = None,
+    vocab_limit: int | None = None,
+    max_prompt_len: int | None = None,
+    share_prefill: bool = True,
+    prefill_chunk: int = 512,
+    state: tuple[Any, Any] | None = None,
+) -> SampleOutput:
+    """Generates up to `max_new_tokens` for each prompt (lists of token ids).
+
+    temperature 0 = greedy. top_k 0 and top_p 1 are off. Row r samples from its own PRNG stream
+    fold_in(PRNGKey(seed), r), so equal seeds give equal outputs. Identical prompts are prefilled
+    once and their cache copied (`share_prefill`). Ids >= `vocab_limit` (the tokenizer's vocab) are
+    never sampled. `state` may pass a precomputed `decode_state(model, mesh)` to skip the re-layout.
+    """
+    cfg = model.config
+    max_prompt_len = max_prompt_len or cfg.max_position_embeddings
+    _validate(prompts, max_new_tokens, temperature, top_p, top_k, max_prompt_len)
+    prompts = [list(map(int, p)) for p in prompts]
+    if len(eos_ids) > MAX_STOP_IDS:
+        raise ValueError(f"at most {MAX_STOP_IDS} stop ids are supported, got {len(eos_ids)}")
+
+    # Group sharing: one prefill per distinct prompt.
+    if share_prefill:
+        unique: dict[tuple[int, ...], int] = {}
+        row_to_unique = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
+        unique_prompts = [list(p) for p in unique]
+    else:
+        row_to_unique, unique_prompts = list(range(len(prompts))), prompts
+
+    multiple = batch_multiple(mesh, DECODE_RULES)
+    B = _pow2_bucket(len(prompts), multiple)
+    U = _pow2_bucket(len(unique_prompts), multiple)
+    P = bucket(max(len(p) for p in unique_prompts))
+    chunk = min(prefill_chunk, P)
+    P = -(-P // chunk) * chunk
+    N = _pow2_bucket(max_new_tokens, 16)
+
+    ids = np.zeros((U, P), np.int32)
+    lens = np.ones((U,), np.int32)
+    for i, p in enumerate(unique_prompts):
+        ids[i, : len(p)] = p
+        lens[i] = len(p)
+    rows = np.zeros((B,), np.int32)
+    rows[: len(prompts)] = row_to_unique
+    row_valid = np.zeros((B,), np.int32)
+    row_valid[: len(prompts)] = 1
+    stops = np.full((MAX_STOP_IDS,), -1, np.int32)
+    stops[: len(eos_ids)] = list(eos_ids)
+    keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.PRNGKey(seed), r))(jnp.arange(B))
+    params = dict(
+        temperature=jnp.float32(temperature), top_p=jnp.float32(top_p), top_k=jnp.int32(top_k),
+        vocab_limit=jnp.int32(vocab_limit or cfg.vocab_size), stop_ids=jnp.asarray(stops),
+        max_new_tokens=jnp.int32(max_new_tokens), row_valid=jnp.asarray(row_valid),
+    )
+    graphdef, st = state if state is not None else decode_state(model, mesh)
+    args = [jnp.asarray(ids), jnp.asarray(lens), jnp.asarray(rows), keys]
+    if mesh is not None:
+        args = [jax.device_put(a, batch_sharding(mesh, DECODE_RULES, a.ndim)) for a in args]
+    STATS.calls += 1
+    STATS.shapes.add((B, U, P, N))
+    tokens, logps, length = _compiled(graphdef, N, chunk, mesh)(graphdef, st, *args, params)
+    tokens, logps, length = jax.device_get((tokens, logps, length))
+
+    stop_set = set(int(e) for e in eos_ids)
+    out_tokens, out_logps, reasons = [], [], []
+    for r in range(len(prompts)):
+        n = int(length[r])
+        row = tokens[r, :n].tolist()
+        out_tokens.append(row)
+        out_logps.append(logps[r, :n].tolist())
+        reasons.append("eos" if row and row[-1] in stop_set else "length")
+    return SampleOutput(tokens=out_tokens, logps=out_logps, finish_reasons=reasons)
