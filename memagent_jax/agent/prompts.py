@@ -171,3 +171,14 @@ class PromptBuilder:
     def final_prompt_text(self, question: str, memory: str) -> str:
         """The final prompt as rendered text."""
         return self.final_template.render({"prompt": question, "memory": memory})
+
+
+def templates_from_config(agent: Any) -> PromptTemplates:
+    """PromptTemplates from an `AgentSection`: the final style plus any non-empty overrides."""
+    overrides = {
+        key: value
+        for key, value in (("memory_update", agent.memory_template), ("final", agent.final_template),
+                           ("first_memory", agent.first_memory))
+        if value
+    }
+    return PromptTemplates.for_style(agent.final_style, **overrides)

@@ -1,0 +1,263 @@
+"""Typed configuration: dataclasses for every knob, YAML files with `base:` inheritance, and
+dotted `key.sub=value` overrides from the command line. Unknown keys are errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclasses.dataclass
+class ModelSection:
+    """The policy. `path` = an HF directory; empty = random init with the shape below."""
+
+    path: str = ""
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    remat: str = "none"
+    # Random-init shape (used when path is empty).
+    architecture: str = "qwen2"
+    vocab_size: int = 0  # 0 = the tokenizer's vocabulary
+    hidden_size: int = 128
+    intermediate_size: int = 352
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    tie_word_embeddings: bool = True
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+
+
+@dataclasses.dataclass
+class MeshSection:
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclasses.dataclass
+class AgentSection:
+    """The memory workflow (REFERENCE.md section 1); defaults are MemAgent's released budgets."""
+
+    policy: str = "overwrite"  # a registered name or "module.path:ClassName"
+    policy_kwargs: dict = dataclasses.field(default_factory=dict)
+    chunk_size: int = 5000
+    max_chunks: int = 8
+    max_memory_tokens: int = 1024
+    final_style: str = "boxed"  # boxed | answer_is
+    # Template overrides (empty = REFERENCE.md defaults); slots {prompt} {memory} {chunk}.
+    memory_template: str = ""
+    final_template: str = ""
+    first_memory: str = ""
+    question_budget: int = 1024
+    max_final_new_tokens: int = 1024
+
+
+@dataclasses.dataclass
+class RolloutSection:
+    group_size: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    val_temperature: float = 1.0
+    val_top_p: float = 0.7
+
+
+@dataclasses.dataclass
+class DataSection:
+    """Where training documents come from."""
+
+    source: str = "ruler_hotpotqa"  # ruler_hotpotqa | memagent_rows | needle_kv
+    path: str = ""
+    num_docs: int = 200
+    seed: int = 0
+    shuffle: bool = True
+    options: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class OverlongSection:
+    enable: bool = False
+    max_len: int = 1024
+    cache_len: int = 256
+    factor: float = 1.0
+
+
+@dataclasses.dataclass
+class RLSection:
+    """DAPO / MemAgent RL knobs (REFERENCE.md sections 2-3)."""
+
+    train_batch_size: int = 128  # groups (documents) per RL step
+    gen_batch_size: int = 128  # documents per generation batch
+    max_num_gen_batches: int = 0  # 0 = unbounded
+    filter_groups: bool = True
+    filter_metric: str = "accuracy"
+    mini_batch_size: int = 8  # groups per optimizer step
+    micro_batch_tokens: int = 16384  # tokens per micro-batch (gradient accumulation)
+    ppo_epochs: int = 1
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    clip_c: float = 10.0  # dual-clip constant; <= 0 disables
+    agg: str = "token-mean"
+    norm_adv_by_std: bool = False
+    adv_eps: float = 1e-6
+    kl_coef: float = 0.0  # low_var_kl to the frozen initial policy (MemAgent: 0.001)
+    entropy_coef: float = 0.0
+    overlong: OverlongSection = dataclasses.field(default_factory=OverlongSection)
+    overlong_filter: bool = False
+    tis_cap: float = 0.0  # truncated importance sampling cap vs sampler log-probs; 0 = off
+    logprob_chunk: int = 256
+    reward: str = "boxed"  # boxed | sub_em
+
+
+@dataclasses.dataclass
+class OptimSection:
+    lr: float = 1e-6
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclasses.dataclass
+class TrainerSection:
+    total_steps: int = 200
+    save_every: int = 10
+    keep: int = 3
+    out_dir: str = "runs/train"
+    seed: int = 0
+    async_checkpoint: bool = True
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class DistributedSection:
+    """jax.distributed: empty coordinator = single process (or auto-detected on TPU/SLURM)."""
+
+    coordinator_address: str = ""
+    num_processes: int = 1
+    process_id: int = 0
+    auto: bool = False
+
+
+@dataclasses.dataclass
+class Config:
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    tokenizer: str = ""  # directory; empty = the model's directory
+    mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
+    agent: AgentSection = dataclasses.field(default_factory=AgentSection)
+    rollout: RolloutSection = dataclasses.field(default_factory=RolloutSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    rl: RLSection = dataclasses.field(default_factory=RLSection)
+    optim: OptimSection = dataclasses.field(default_factory=OptimSection)
+    trainer: TrainerSection = dataclasses.field(default_factory=TrainerSection)
+    distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+class _Raw(str):
+    """An override's text, parsed once the target field's type is known."""
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    origin = typing.get_origin(typ)
+    if isinstance(value, _Raw):
+        value = str(value) if typ is str else yaml.safe_load(value) if value.strip() else ""
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise ValueError(f"config key {key!r} must be a mapping, got {value!r}")
+        return from_dict(typ, value, prefix=key + ".")
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ in (int, float, str, bool) and not isinstance(value, typ):
+        raise ValueError(f"config key {key!r} expects {typ.__name__}, got {value!r}")
+    if typ is int and isinstance(value, bool):
+        raise ValueError(f"config key {key!r} expects int, got {value!r}")
+    if origin in (dict,) or typ is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"config key {key!r} expects a mapping, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Builds dataclass `cls` from a nested dict; unknown keys raise naming the valid ones."""
+    hints = _field_types(cls)
+    unknown = [k for k in data if k not in hints]
+    if unknown:
+        raise KeyError(
+            f"unknown config key {prefix + unknown[0]!r}; valid keys here: {sorted(hints)}"
+        )
+    return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in data.items()})
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A path, or a name under configs/ (with or without .yaml)."""
+    p = Path(name)
+    for cand in (p, CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(f"config {name!r} not found (looked in . and {CONFIG_DIR})")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Reads a YAML config, resolving `base:` (a file or a list of files, relative to it)."""
+    path = resolve_config_path(path)
+    data = yaml.safe_load(path.read_text()) or {}
+    bases = data.pop("base", [])
+    merged: dict[str, Any] = {}
+    for b in [bases] if isinstance(bases, str) else bases:
+        bpath = path.parent / b if (path.parent / b).is_file() else b
+        merged = _merge(merged, load_yaml(bpath))
+    return _merge(merged, data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), _Raw(raw)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = dict(data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node[k] = dict(node.get(k) or {})
+            node = node[k]
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Config from a YAML file (or defaults) plus `key.sub=value` overrides, validated."""
+    data = load_yaml(path) if path else {}
+    return from_dict(Config, apply_overrides(data, overrides or []))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

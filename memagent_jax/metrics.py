@@ -1,0 +1,68 @@
+"""Per-step metrics to metrics.jsonl and TensorBoard, written by process 0 only."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+
+
+class MetricsWriter:
+    """Appends one JSON line per step and mirrors scalars to TensorBoard (if tensorboardX exists)."""
+
+    def __init__(self, out_dir: str | Path, *, tensorboard: bool = True):
+        self.enabled = jax.process_index() == 0
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self._tb = None
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                try:
+                    from tensorboardX import SummaryWriter
+
+                    self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+                except ImportError:  # optional
+                    self._tb = None
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: _plain(v) for k, v in metrics.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **clean}) + "\n")
+        if self._tb is not None:
+            for k, v in clean.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+
+    def truncate_after(self, step: int) -> None:
+        """Drops lines of steps > `step` (after resuming from an earlier checkpoint)."""
+        if not self.enabled or not self.path.exists():
+            return
+        lines = [ln for ln in self.path.read_text().splitlines()
+                 if ln.strip() and json.loads(ln)["step"] <= step]
+        self.path.write_text("".join(ln + "\n" for ln in lines))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item") and getattr(v, "size", 2) == 1:
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
+    """All lines of a run's metrics.jsonl."""
+    path = Path(out_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]

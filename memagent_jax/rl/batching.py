@@ -1,0 +1,89 @@
+"""Host-side batching for the update: merging kept groups, mini-batches, token-budget micro-batches.
+
+Everything here is numpy on the host; the device sees fixed, bucketed shapes only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from memagent_jax.agent.rollout import RolloutResult
+from memagent_jax.sampler import bucket
+from memagent_jax.types import ConversationBatch
+
+
+def merge_kept(results: Sequence[RolloutResult], keeps: Sequence[np.ndarray]) -> RolloutResult:
+    """One RolloutResult of the kept trajectories of several rollouts, re-indexed densely.
+
+    Group ids become unique across rollouts (rollout r's group g -> a new dense id).
+    """
+    conversations, trajectories = [], []
+    group_map: dict[tuple[int, int], int] = {}
+    for r, (res, keep) in enumerate(zip(results, keeps)):
+        for t, kept in zip(res.trajectories, keep):
+            if not kept:
+                continue
+            new_t = dataclasses.replace(t, trajectory_id=len(trajectories), conversation_ids=[],
+                                        group_id=group_map.setdefault((r, t.group_id), len(group_map)))
+            for cid in t.conversation_ids:
+                c = res.conversations[cid]
+                new_t.conversation_ids.append(len(conversations))
+                conversations.append(dataclasses.replace(
+                    c, trajectory_id=new_t.trajectory_id, group_id=new_t.group_id))
+            trajectories.append(new_t)
+    stats = {"num_trajectories": len(trajectories), "num_conversations": len(conversations)}
+    pad_id = results[0].pad_id if results else 0
+    return RolloutResult(conversations, trajectories, stats, pad_id=pad_id)
+
+
+def global_denominator(mask: np.ndarray, agg: str) -> float:
+    """The loss denominator of a whole mini-batch (REFERENCE.md section 3 aggregation modes)."""
+    if agg == "token-mean":
+        return float(mask.sum())
+    if agg == "seq-mean-token-mean":
+        return float((mask.sum(axis=1) > 0).sum())
+    if agg == "seq-mean-token-sum-norm":
+        return float(mask.shape[0] * max(1, int(mask.sum(axis=1).max(initial=0))))
+    raise ValueError(f"unknown agg {agg!r}")
+
+
+def pack_micro_batches(lengths: np.ndarray, token_budget: int) -> list[np.ndarray]:
+    """Splits row indices into micro-batches whose padded size rows * max_len <= token_budget
+    (a single row longer than the budget gets its own micro-batch). Longest rows first."""
+    order = np.argsort(-lengths, kind="stable")
+    out: list[list[int]] = []
+    for i in order:
+        if out and (len(out[-1]) + 1) * int(lengths[out[-1][0]]) <= token_budget:
+            out[-1].append(int(i))
+        else:
+            out.append([int(i)])
+    return [np.asarray(m) for m in out]
+
+
+def _pow2(n: int, multiple: int) -> int:
+    size = multiple
+    while size < n:
+        size *= 2
+    return size
+
+
+def micro_batch_arrays(batch: ConversationBatch, rows: np.ndarray, lengths: np.ndarray,
+                       row_multiple: int, extra: dict[str, np.ndarray] | None = None
+                       ) -> dict[str, np.ndarray]:
+    """Arrays of `rows`, padded to bucketed [rows, T] shapes (padding rows have mask 0)."""
+    n = _pow2(len(rows), row_multiple)
+    width = bucket(int(lengths[rows].max()))
+    fields = {
+        "tokens": batch.tokens, "mask": batch.response_mask, "advantages": batch.advantages,
+        "sampler_logp": batch.sampler_logps, **(extra or {}),
+    }
+    out = {}
+    for name, src in fields.items():
+        arr = np.zeros((n, width), src.dtype)
+        take = src[rows, : min(width, src.shape[1])]
+        arr[: len(rows), : take.shape[1]] = take
+        out[name] = arr
+    return out

@@ -1,0 +1,133 @@
+"""The jitted pieces of a DAPO update: micro-batch gradients, the optimizer step, log-prob passes.
+
+Gradient accumulation gives the EXACT mini-batch loss: each micro-batch contributes
+numerator / global_denominator (the denominator of the whole mini-batch, computed on the host),
+so the summed gradients equal the gradient of the token-mean over the mini-batch, never a mean
+of micro-batch means. The optimizer step is jitted with explicit shardings and donates the
+train state; non-finite gradients skip the update (optax.apply_if_finite).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from memagent_jax.rl.logprobs import token_logprobs
+from memagent_jax.rl.loss import policy_loss_sum
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Optimizer steps taken, the policy's weights (an nnx.State of Params), the optimizer state."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+@flax.struct.dataclass
+class LossSettings:
+    """Static loss hyperparameters (hashable: part of the compiled program's identity)."""
+
+    eps_low: float = flax.struct.field(pytree_node=False, default=0.2)
+    eps_high: float = flax.struct.field(pytree_node=False, default=0.28)
+    clip_c: float | None = flax.struct.field(pytree_node=False, default=10.0)
+    agg: str = flax.struct.field(pytree_node=False, default="token-mean")
+    kl_coef: float = flax.struct.field(pytree_node=False, default=0.0)
+    entropy_coef: float = flax.struct.field(pytree_node=False, default=0.0)
+    temperature: float = flax.struct.field(pytree_node=False, default=1.0)
+    tis_cap: float = flax.struct.field(pytree_node=False, default=0.0)
+    logprob_chunk: int = flax.struct.field(pytree_node=False, default=256)
+
+
+def make_optimizer(lr: float, warmup_steps: int, steps_per_rl_step: int, *, b1: float = 0.9,
+                   b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.01,
+                   grad_clip: float = 1.0) -> optax.GradientTransformation:
+    """clip_by_global_norm -> AdamW with linear warm-up over `warmup_steps` RL steps, then constant;
+    an update whose gradient is not finite is skipped."""
+
+    def schedule(count: jax.Array) -> jax.Array:
+        rl_step = count // steps_per_rl_step
+        return lr * jnp.minimum(1.0, (rl_step + 1) / max(1, warmup_steps))
+
+    chain = optax.chain(
+        optax.clip_by_global_norm(grad_clip),
+        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
+    )
+    return optax.apply_if_finite(chain, max_consecutive_errors=1_000_000)
+
+
+def init_train_state(model: Any, tx: optax.GradientTransformation) -> tuple[Any, TrainState]:
+    """(graphdef, TrainState) for an NNX model; optimizer moments inherit the weights' shardings."""
+    graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                opt_state=tx.init(params))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "chunk"))
+def sequence_logprobs(graphdef: Any, params: Any, tokens: jax.Array, *, temperature: float,
+                      chunk: int) -> jax.Array:
+    """Per-token log-probs [N, T] under `params` (no gradient): old and reference passes."""
+    logp, _ = token_logprobs(nnx.merge(graphdef, params), tokens, temperature=temperature,
+                             chunk=chunk)
+    return logp
+
+
+def _loss(params: Any, graphdef: Any, batch: dict[str, jax.Array], denominator: jax.Array,
+          s: LossSettings) -> tuple[jax.Array, dict[str, jax.Array]]:
+    model = nnx.merge(graphdef, params)
+    logp, entropy = token_logprobs(model, batch["tokens"], temperature=s.temperature,
+                                   chunk=s.logprob_chunk, with_entropy=True)
+    mask = batch["mask"]
+    # On-policy shortcut: without recomputed old log-probs the ratio is exactly 1.
+    old = batch["old_logp"] if "old_logp" in batch else jax.lax.stop_gradient(logp)
+    adv = batch["advantages"]
+    if s.tis_cap > 0:  # truncated importance sampling vs the sampler's log-probs
+        adv = adv * jnp.minimum(jnp.exp(old - batch["sampler_logp"]), s.tis_cap)
+    num, _, aux = policy_loss_sum(
+        logp, old, adv, mask, eps_low=s.eps_low, eps_high=s.eps_high, clip_c=s.clip_c,
+        agg=s.agg, ref_logp=batch.get("ref_logp"), kl_coef=s.kl_coef, entropy=entropy,
+        denominator=denominator,
+    )
+    loss = num / denominator
+    if s.entropy_coef:
+        loss = loss - s.entropy_coef * (mask * entropy).sum() / denominator
+    aux["logp_gap"] = (mask * jnp.abs(jax.lax.stop_gradient(old) - batch["sampler_logp"])).sum()
+    return loss, aux
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "settings"))
+def micro_batch_grads(graphdef: Any, params: Any, batch: dict[str, jax.Array],
+                      denominator: jax.Array, settings: LossSettings
+                      ) -> tuple[Any, dict[str, jax.Array]]:
+    """Gradient of numerator / global denominator for one micro-batch, and its metric sums."""
+    grads, aux = jax.grad(_loss, has_aux=True)(params, graphdef, batch, denominator, settings)
+    return grads, aux
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def accumulate(acc: Any, grads: Any) -> Any:
+    """acc + grads, in place (the accumulator is donated)."""
+    return jax.tree.map(jnp.add, acc, grads)
+
+
+def make_apply_update(tx: optax.GradientTransformation, state_shardings: Any = None) -> Any:
+    """A jitted (state, grads) -> (state, grad_norm, skipped) that donates the train state."""
+
+    def apply(state: TrainState, grads: Any) -> tuple[TrainState, jax.Array, jax.Array]:
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = opt_state.last_finite
+        return (TrainState(step=state.step + 1, params=params, opt_state=opt_state),
+                optax.tree.norm(grads), ~finite)
+
+    kwargs: dict[str, Any] = {"donate_argnums": (0,)}
+    if state_shardings is not None:
+        kwargs["out_shardings"] = (state_shardings, None, None)
+    return jax.jit(apply, **kwargs)

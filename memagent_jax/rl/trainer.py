@@ -1,0 +1,373 @@
+"""The DAPO RL loop over multi-conversation memory rollouts.
+
+One RL step:
+  1. collect: sample generation batches (B documents x G members) with the current weights,
+     score the final answers, drop zero-variance groups, and keep sampling with the SAME weights
+     until `train_batch_size` groups are kept (bounded by `max_num_gen_batches`);
+  2. advantages per trajectory (overlong shaping on the final answer's token length), broadcast
+     to every conversation of the trajectory;
+  3. old (and reference) log-probs with the training forward, unless one mini-batch and one
+     epoch make the ratio exactly 1;
+  4. shuffled mini-batches of conversations -> token-budget micro-batches -> exact token-mean
+     gradient accumulation -> one optax step per mini-batch;
+  5. metrics, async orbax checkpoint every `save_every` steps and on SIGTERM/SIGINT.
+Every random choice derives from (seed, RL step), and the data loader's position is saved, so a
+resumed run continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from memagent_jax import sampler
+from memagent_jax.agent.memory import make_policy
+from memagent_jax.agent.prompts import PromptBuilder, templates_from_config
+from memagent_jax.agent.rollout import RolloutResult, rollout
+from memagent_jax.checkpoint import RunCheckpointer, StopSignal
+from memagent_jax.config import Config, save_config
+from memagent_jax.metrics import MetricsWriter
+from memagent_jax.models.sharding import batch_multiple, batch_sharding
+from memagent_jax.rl import rewards as R
+from memagent_jax.rl.advantages import filter_groups, group_advantages, overlong_penalty, select_groups
+from memagent_jax.rl.batching import (
+    global_denominator,
+    merge_kept,
+    micro_batch_arrays,
+    pack_micro_batches,
+)
+from memagent_jax.rl.loss import reduce_aux_sums
+from memagent_jax.rl.train_step import (
+    LossSettings,
+    accumulate,
+    init_train_state,
+    make_apply_update,
+    make_optimizer,
+    micro_batch_grads,
+    sequence_logprobs,
+)
+from memagent_jax.types import Trajectory
+
+RewardFn = Callable[[Trajectory], tuple[float, float]]  # -> (reward, accuracy)
+
+
+def default_reward_fn(kind: str) -> RewardFn:
+    """'boxed': the training verifier (REFERENCE.md section 4); 'sub_em': eval-style answer match."""
+    if kind == "boxed":
+        def boxed(t: Trajectory) -> tuple[float, float]:
+            score = R.verify(t.answer_text, t.ground_truths)
+            return score, score
+        return boxed
+    if kind == "sub_em":
+        def sub(t: Trajectory) -> tuple[float, float]:
+            pred = R.boxed_answer(t.answer_text) or R.answer_is_extract(t.answer_text) or ""
+            score = R.sub_em(pred, t.ground_truths)
+            return score, score
+        return sub
+    raise ValueError(f"unknown reward {kind!r}; expected boxed or sub_em")
+
+
+class DynamicSamplingError(RuntimeError):
+    """Raised when max_num_gen_batches generation batches did not yield enough mixed groups."""
+
+
+@dataclasses.dataclass
+class Collected:
+    batch: RolloutResult
+    rewards: np.ndarray
+    accuracy: np.ndarray
+    gen_batches: int
+    groups_seen: int
+    rollout_stats: dict[str, Any]
+
+
+class Trainer:
+    """Runs `cfg.trainer.total_steps` DAPO steps of the memory agent (see module docstring)."""
+
+    def __init__(self, cfg: Config, model: Any, tokenizer: Any, data: Iterator[list[dict]], *,
+                 mesh: jax.sharding.Mesh | None = None, reward_fn: RewardFn | None = None,
+                 generate_fn: Callable[..., Any] | None = None,
+                 data_state: tuple[Callable[[], dict], Callable[[dict], None]] | None = None):
+        rl = cfg.rl
+        if rl.train_batch_size % rl.mini_batch_size:
+            raise ValueError(f"rl.train_batch_size={rl.train_batch_size} must be a multiple of "
+                             f"rl.mini_batch_size={rl.mini_batch_size}")
+        if not rl.filter_groups and rl.gen_batch_size != rl.train_batch_size:
+            raise ValueError("without rl.filter_groups, rl.gen_batch_size must equal rl.train_batch_size")
+        self.cfg, self.tokenizer, self.data, self.mesh = cfg, tokenizer, data, mesh
+        self.data_state = data_state
+        self.reward_fn = reward_fn or default_reward_fn(rl.reward)
+        self.out_dir = Path(cfg.trainer.out_dir)
+        self.policy = make_policy(cfg.agent.policy, **self._policy_kwargs())
+        self.builder = PromptBuilder(tokenizer, templates_from_config(cfg.agent))
+        self._generate_fn = generate_fn
+        self.num_minis = rl.train_batch_size // rl.mini_batch_size
+        self.on_policy = self.num_minis == 1 and rl.ppo_epochs == 1
+        self.tx = make_optimizer(cfg.optim.lr, cfg.optim.warmup_steps, self.num_minis * rl.ppo_epochs,
+                                 b1=cfg.optim.b1, b2=cfg.optim.b2, eps=cfg.optim.eps,
+                                 weight_decay=cfg.optim.weight_decay, grad_clip=cfg.optim.grad_clip)
+        self.graphdef, self.state = init_train_state(model, self.tx)
+        self.ref_params = jax.tree.map(jnp.copy, self.state.params) if rl.kl_coef > 0 else None
+        self.apply_update = make_apply_update(self.tx, jax.tree.map(lambda x: x.sharding, self.state))
+        self.settings = LossSettings(
+            eps_low=rl.eps_low, eps_high=rl.eps_high, clip_c=rl.clip_c if rl.clip_c > 0 else None,
+            agg=rl.agg, kl_coef=rl.kl_coef, entropy_coef=rl.entropy_coef,
+            temperature=cfg.rollout.temperature or 1.0, tis_cap=rl.tis_cap,
+            logprob_chunk=rl.logprob_chunk)
+        self.rl_step = 0
+        self.checkpointer = RunCheckpointer(self.out_dir / "checkpoints", keep=cfg.trainer.keep,
+                                            async_save=cfg.trainer.async_checkpoint)
+        self.metrics = MetricsWriter(self.out_dir)
+
+    def _policy_kwargs(self) -> dict[str, Any]:
+        a = self.cfg.agent
+        if a.policy == "overwrite":
+            base = dict(chunk_size=a.chunk_size, max_chunks=a.max_chunks,
+                        max_memory_tokens=a.max_memory_tokens)
+        else:
+            base = {}
+        return {**base, **a.policy_kwargs}
+
+    # ------------------------------------------------------------------ the policy's sampler
+    def model(self) -> Any:
+        """The current policy as an NNX module (shares the train state's buffers)."""
+        return nnx.merge(self.graphdef, self.state.params)
+
+    def generate_fn(self) -> Callable[..., Any]:
+        if self._generate_fn is not None:
+            return self._generate_fn
+        model, mesh, tok = self.model(), self.mesh, self.tokenizer
+        state = sampler.decode_state(model, mesh)
+        r = self.cfg.rollout
+
+        def generate(prompts: list[list[int]], *, max_new_tokens: int, seed: int, **kw: Any) -> Any:
+            return sampler.generate(
+                model, prompts, max_new_tokens=max_new_tokens, seed=seed, mesh=mesh, state=state,
+                temperature=kw.get("temperature", r.temperature), top_p=kw.get("top_p", r.top_p),
+                top_k=kw.get("top_k", r.top_k), eos_ids=tuple(tok.eos_ids), vocab_limit=tok.vocab_size)
+
+        return generate
+
+    # ------------------------------------------------------------------------------ collect
+    def collect(self) -> Collected:
+        """Generation batches until train_batch_size mixed groups are kept (dynamic sampling)."""
+        rl, a = self.cfg.rl, self.cfg.agent
+        generate = self.generate_fn()
+        results, keeps, all_rewards, all_acc, stats = [], [], [], [], []
+        kept_groups = gen = 0
+        while kept_groups < rl.train_batch_size:
+            if rl.max_num_gen_batches and gen >= rl.max_num_gen_batches:
+                raise DynamicSamplingError(
+                    f"dynamic sampling kept {kept_groups} of rl.train_batch_size={rl.train_batch_size} "
+                    f"groups after rl.max_num_gen_batches={rl.max_num_gen_batches} generation batches "
+                    "(the other groups were all-correct or all-wrong); raise rl.max_num_gen_batches "
+                    "(0 = unbounded), rl.gen_batch_size, or the group size"
+                )
+            docs = next(self.data)
+            seed = (self.cfg.trainer.seed * 1_000_003 + self.rl_step * 1009 + gen) * 4096
+            res = rollout(docs, policy=self.policy, builder=self.builder, tokenizer=self.tokenizer,
+                          generate_fn=generate, group_size=self.cfg.rollout.group_size, training=True,
+                          gen_kwargs=dict(max_memory_new_tokens=a.max_memory_tokens,
+                                          max_final_new_tokens=a.max_final_new_tokens, seed=seed),
+                          question_budget=a.question_budget)
+            gen += 1
+            scored = [self.reward_fn(t) for t in res.trajectories]
+            reward = np.array([s[0] for s in scored], np.float32)
+            acc = np.array([s[1] for s in scored], np.float32)
+            groups = np.array([t.group_id for t in res.trajectories])
+            keep = filter_groups(acc, groups) if rl.filter_groups else np.ones(len(groups), bool)
+            kept_groups += len(set(groups[keep].tolist()))
+            results.append(res), keeps.append(keep), all_rewards.append(reward), all_acc.append(acc)
+            stats.append(res.stats)
+        keep_all = np.concatenate(keeps)
+        offsets = np.cumsum([0] + [len(r.trajectories) for r in results])
+        gids = np.concatenate([np.array([t.group_id for t in r.trajectories]) + 10**7 * i
+                               for i, r in enumerate(results)])
+        keep_all = select_groups(keep_all, gids, rl.train_batch_size)
+        keeps = [keep_all[offsets[i]:offsets[i + 1]] for i in range(len(results))]
+        merged = merge_kept(results, keeps)
+        reward = np.concatenate(all_rewards)[keep_all]
+        acc = np.concatenate(all_acc)
+        return Collected(merged, reward, acc, gen, len(set(gids.tolist())), _merge_stats(stats))
+
+    # ------------------------------------------------------------------------------- update
+    def _rows_on_device(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        if self.mesh is None:
+            return {k: jnp.asarray(v) for k, v in arrays.items()}
+        return {k: jax.device_put(v, batch_sharding(self.mesh, ndim=v.ndim)) for k, v in arrays.items()}
+
+    def _logprob_pass(self, params: Any, batch: Any, lengths: np.ndarray) -> np.ndarray:
+        out = np.zeros(batch.tokens.shape, np.float32)
+        multiple = batch_multiple(self.mesh)
+        for rows in pack_micro_batches(lengths, self.cfg.rl.micro_batch_tokens):
+            arrays = micro_batch_arrays(batch, rows, lengths, multiple)
+            lp = sequence_logprobs(self.graphdef, params, self._rows_on_device(
+                {"tokens": arrays["tokens"]})["tokens"], temperature=self.settings.temperature,
+                chunk=self.settings.logprob_chunk)
+            lp = np.asarray(jax.device_get(lp))[: len(rows)]
+            width = min(lp.shape[1], out.shape[1])
+            out[rows, :width] = lp[:, :width]
+        return out
+
+    def update(self, collected: Collected) -> dict[str, float]:
+        """Advantages, old log-probs, mini-batch updates; returns metrics."""
+        rl, ov = self.cfg.rl, self.cfg.rl.overlong
+        merged = collected.batch
+        trajs = merged.trajectories
+        final_len = np.array([len(merged.conversations[t.conversation_ids[-1]].response) for t in trajs])
+        shaped = collected.rewards.copy()
+        if ov.enable:
+            shaped += overlong_penalty(final_len, max_len=ov.max_len, cache_len=ov.cache_len,
+                                       factor=ov.factor)
+        groups = np.array([t.group_id for t in trajs])
+        adv = group_advantages(shaped, groups, norm_std=rl.norm_adv_by_std, eps=rl.adv_eps)
+        for t, a_i, r_i in zip(trajs, adv, shaped):
+            t.advantage, t.reward = float(a_i), float(r_i)
+        batch = merged.to_batch(adv)
+        if rl.overlong_filter:
+            truncated = np.array([c.finish_reason == "length" for c in merged.conversations])
+            batch.response_mask[truncated] = 0.0
+            batch.advantages[truncated] = 0.0
+        lengths = np.array([len(c.prompt) + len(c.response) for c in merged.conversations])
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        extra: dict[str, np.ndarray] = {}
+        if not self.on_policy:
+            extra["old_logp"] = self._logprob_pass(self.state.params, batch, lengths)
+        if self.ref_params is not None:
+            extra["ref_logp"] = self._logprob_pass(self.ref_params, batch, lengths)
+        timings["time/old_logp"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        rng = np.random.default_rng([self.cfg.trainer.seed, self.rl_step, 7])
+        sums: dict[str, float] = {}
+        dens, norms, skipped = [], [], 0
+        multiple = batch_multiple(self.mesh)
+        for _ in range(rl.ppo_epochs):
+            for mini in np.array_split(rng.permutation(len(lengths)), self.num_minis):
+                den = global_denominator(batch.response_mask[mini], rl.agg)
+                acc_grads, mini_sums = None, None
+                for rows in pack_micro_batches(lengths[mini], rl.micro_batch_tokens):
+                    rows = mini[rows]
+                    arrays = micro_batch_arrays(batch, rows, lengths, multiple, extra)
+                    grads, aux = micro_batch_grads(self.graphdef, self.state.params,
+                                                   self._rows_on_device(arrays),
+                                                   jnp.float32(max(den, 1e-8)), self.settings)
+                    acc_grads = grads if acc_grads is None else accumulate(acc_grads, grads)
+                    mini_sums = aux if mini_sums is None else jax.tree.map(jnp.add, mini_sums, aux)
+                self.state, norm, skip = self.apply_update(self.state, acc_grads)
+                means = jax.device_get(reduce_aux_sums(mini_sums, jnp.float32(max(den, 1e-8))))
+                gap = float(mini_sums["logp_gap"]) / max(float(mini_sums["num_tokens"]), 1.0)
+                for k, v in {**means, "logp_gap": gap}.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                dens.append(den)
+                norms.append(float(norm))
+                skipped += int(skip)
+        timings["time/update"] = time.perf_counter() - t0
+        n_updates = len(norms)
+        out = {f"actor/{k}": v / n_updates for k, v in sums.items()}
+        out.update({"actor/grad_norm": float(np.mean(norms)), "actor/skipped_updates": skipped,
+                    "adv/mean": float(adv.mean()), "adv/std": float(adv.std()),
+                    "adv/max": float(adv.max()), "adv/min": float(adv.min()),
+                    "reward/shaped_mean": float(shaped.mean()),
+                    "response/final_length_mean": float(final_len.mean()),
+                    "batch/conversations": len(lengths), "batch/trajectories": len(trajs),
+                    "batch/tokens": int(lengths.sum()), **timings})
+        return out
+
+    # -------------------------------------------------------------------------------- loop
+    def save(self, force: bool = False) -> None:
+        meta = {"rl_step": self.rl_step,
+                "data_state": self.data_state[0]() if self.data_state else None}
+        self.checkpointer.save(self.rl_step, self.state, meta, force=force)
+
+    def maybe_resume(self) -> bool:
+        if self.checkpointer.latest_step() is None:
+            return False
+        self.state, meta = self.checkpointer.restore(self.state)
+        self.rl_step = int(meta["rl_step"])
+        if self.data_state and meta.get("data_state") is not None:
+            self.data_state[1](meta["data_state"])
+        self.metrics.truncate_after(self.rl_step)
+        return True
+
+    def train_step(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        collected = self.collect()
+        t_rollout = time.perf_counter() - t0
+        metrics = self.update(collected)
+        s = collected.rollout_stats
+        metrics.update({
+            "reward/mean": float(collected.rewards.mean()),
+            "accuracy/all_mean": float(collected.accuracy.mean()),
+            "dynamic/gen_batches": collected.gen_batches,
+            "dynamic/groups_seen": collected.groups_seen,
+            "dynamic/groups_kept": self.cfg.rl.train_batch_size,
+            "rollout/memory_capped": s.get("memory_capped", 0),
+            "rollout/truncated_final": s.get("finish_length_final", 0),
+            "rollout/truncated_memory": s.get("finish_length_memory", 0),
+            "rollout/truncation_rate": s.get("truncation_rate", 0.0),
+            "response/memory_length_mean": s.get("mean_memory_response_length", 0.0),
+            "response/length_mean": s.get("mean_response_length", 0.0),
+            "time/rollout": t_rollout, "time/step": time.perf_counter() - t0,
+            "sampler/compilations": sampler.compile_count(),
+        })
+        self.rl_step += 1
+        return metrics
+
+    def run(self, progress: bool | None = None) -> str:
+        """Trains to total_steps (resuming if a checkpoint exists). Returns "done" | "interrupted"."""
+        save_config(self.cfg, self.out_dir / "config.yaml") if jax.process_index() == 0 else None
+        self.maybe_resume()
+        total = self.cfg.trainer.total_steps
+        bar = _progress(progress if progress is not None else self.cfg.trainer.progress,
+                        total, self.rl_step)
+        status = "done"
+        with StopSignal() as stop:
+            while self.rl_step < total:
+                metrics = self.train_step()
+                self.metrics.write(self.rl_step, metrics)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
+                                    acc=f"{metrics['accuracy/all_mean']:.3f}")
+                if stop.requested:
+                    self.save(force=True)
+                    status = "interrupted"
+                    break
+                if self.rl_step % self.cfg.trainer.save_every == 0 or self.rl_step == total:
+                    self.save()
+        self.checkpointer.wait()
+        if bar is not None:
+            bar.close()
+        return status
+
+    def close(self) -> None:
+        self.checkpointer.close()
+        self.metrics.close()
+
+
+def _merge_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in ("memory_capped", "finish_length_memory", "finish_length_final", "num_conversations"):
+        out[key] = int(sum(s.get(key, 0) for s in stats))
+    for key in ("mean_response_length", "mean_memory_response_length"):
+        out[key] = float(np.mean([s.get(key, 0.0) for s in stats]))
+    out["truncation_rate"] = (out["finish_length_memory"] + out["finish_length_final"]) / max(
+        1, out["num_conversations"])
+    return out
+
+
+def _progress(enabled: bool, total: int, start: int) -> Any:
+    if not enabled or jax.process_index() != 0:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="RL steps", unit="step")
