@@ -148,11 +148,13 @@ def rollout(
     training: bool = True,
     gen_kwargs: Mapping[str, Any] | None = None,
     question_budget: int | None = 1024,
+    on_step: Callable[[int, int, list[Trajectory]], None] | None = None,
 ) -> RolloutResult:
     """Run the memory agent on `samples` ({"question", "context", "answers"}) x `group_size`.
 
     Trajectory i = b * group_size + g reads document b. Call k (memory step k, then the final
     step) uses seed `gen_kwargs["seed"] + k`, so the same seed reproduces the same rollout.
+    `on_step(k, num_steps, trajectories)` runs after each memory step (progress, memory display).
     """
     unknown = set(gen_kwargs or {}) - set(GEN_DEFAULTS)
     if unknown:
@@ -178,6 +180,8 @@ def rollout(
             memory[t.trajectory_id], capped = policy.update(memory[t.trajectory_id], reply, tokenizer)
             t.memory_capped_turns += int(capped)
             t.memories.append(tokenizer.decode(memory[t.trajectory_id]))
+        if on_step is not None:
+            on_step(k, num_steps, trajs)
 
     prompts = [policy.final_prompt(builder, docs[t.group_id].question_ids, memory[t.trajectory_id]) for t in trajs]
     replies = call(trajs, prompts, is_final=True, turn=num_steps,

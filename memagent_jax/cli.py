@@ -1,0 +1,196 @@
+"""`memagent-jax {demo,train,eval,answer,export,data,plan}` (also `python -m memagent_jax`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from memagent_jax.config import load_config
+    from memagent_jax.train_run import run_training
+
+    cfg = load_config(args.config, args.overrides)
+    status = run_training(cfg)
+    print(f"training {status}: {cfg.trainer.out_dir}")
+    return 0
+
+
+def read_document(path: str) -> str:
+    """A text file as str; invalid UTF-8 is replaced (with a warning), never an error."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        warnings.warn(f"{path} is not valid UTF-8 ({e.reason} at byte {e.start}); "
+                      "undecodable bytes were replaced with U+FFFD", stacklevel=2)
+        return raw.decode("utf-8", errors="replace")
+
+
+def _cmd_answer(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from tqdm.auto import tqdm
+
+    from memagent_jax import models
+    from memagent_jax.agent.memory import make_policy
+    from memagent_jax.agent.prompts import PromptBuilder, PromptTemplates
+    from memagent_jax.agent.rollout import rollout, sampler_generate_fn
+    from memagent_jax.rl.rewards import answer_is_extract, boxed_answer
+    from memagent_jax.tokenizer import load_tokenizer
+
+    console = Console(stderr=True)
+    doc = read_document(args.doc)
+    if not doc.strip():
+        warnings.warn(f"{args.doc} is empty: the agent answers from 'No previous memory'", stacklevel=1)
+    tokenizer = load_tokenizer(args.model)
+    model = models.from_pretrained(args.model)
+    kwargs: dict[str, Any] = {}
+    if args.policy == "overwrite":
+        kwargs = dict(chunk_size=args.chunk_size, max_chunks=None, max_memory_tokens=args.max_memory_tokens)
+    policy = make_policy(args.policy, **kwargs)
+    builder = PromptBuilder(tokenizer, PromptTemplates.for_style(args.final_style))
+    generate_fn = sampler_generate_fn(model, tokenizer, temperature=args.temperature,
+                                      top_p=args.top_p, max_prompt_len=model.config.max_position_embeddings)
+    bar = tqdm(desc="reading chunks", unit="chunk", file=sys.stderr)
+
+    def on_step(k: int, n: int, trajs: list) -> None:
+        bar.total = n
+        bar.update(1)
+        if args.show_memory:
+            bar.clear()
+            console.print(f"[bold]memory after chunk {k + 1}/{n}:[/bold] {trajs[0].memories[-1]}")
+
+    result = rollout([{"question": args.question, "context": doc, "answers": []}], policy=policy,
+                     builder=builder, tokenizer=tokenizer, generate_fn=generate_fn, group_size=1,
+                     training=False, question_budget=args.question_budget, on_step=on_step,
+                     gen_kwargs=dict(max_memory_new_tokens=args.max_memory_tokens,
+                                     max_final_new_tokens=args.max_answer_tokens, seed=args.seed))
+    bar.close()
+    traj = result.trajectories[0]
+    final = result.conversations[traj.conversation_ids[-1]]
+    if final.finish_reason == "length":
+        warnings.warn("the final answer hit --max-answer-tokens before EOS", stacklevel=1)
+    answer = boxed_answer(traj.answer_text) or answer_is_extract(traj.answer_text)
+    console.print(f"[dim]{traj.num_chunks} chunks, {result.stats['memory_capped']} memory replies capped[/dim]")
+    print(answer if answer is not None else traj.answer_text.strip())
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from memagent_jax.train_run import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out, step=args.step)
+    print(f"exported {out}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from memagent_jax.demo import run_demo
+
+    run_demo(out_dir=args.out, fresh=args.fresh, config=args.config, overrides=args.overrides)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from memagent_jax.eval import run_eval_cli
+
+    run_eval_cli(args)
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from memagent_jax.plan import run_plan_cli
+
+    return run_plan_cli(args) or 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from memagent_jax.data.tfds_builders import build_dataset
+
+    inputs = dict(kv.split("=", 1) for kv in args.inputs)
+    path = build_dataset(args.name, args.config, args.data_dir, overwrite=args.overwrite, **inputs)
+    print(f"built {args.name}/{args.config} in {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="memagent-jax", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="the embedded default: train + evaluate a tiny memory agent")
+    d.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    d.add_argument("--fresh", action="store_true", help="start over instead of resuming stages")
+    d.add_argument("--config", default="tiny", help="config name or YAML path (default tiny)")
+    d.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    d.set_defaults(fn=_cmd_demo)
+
+    t = sub.add_parser("train", help="DAPO RL of the memory agent")
+    t.add_argument("config", help="YAML config (a path or a name under configs/)")
+    t.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    t.set_defaults(fn=_cmd_train)
+
+    a = sub.add_parser("answer", help="answer a question about a document of any length")
+    a.add_argument("--model", required=True, help="HF model directory (config.json, safetensors, tokenizer)")
+    a.add_argument("--doc", required=True, help="text file")
+    a.add_argument("--question", required=True)
+    a.add_argument("--policy", default="overwrite", help="memory policy name or module:Class")
+    a.add_argument("--show-memory", action="store_true", help="print the memory after each chunk")
+    a.add_argument("--chunk-size", type=int, default=5000)
+    a.add_argument("--max-memory-tokens", type=int, default=1024)
+    a.add_argument("--max-answer-tokens", type=int, default=1024)
+    a.add_argument("--question-budget", type=int, default=1024)
+    a.add_argument("--final-style", default="boxed", choices=["boxed", "answer_is"])
+    a.add_argument("--temperature", type=float, default=0.0)
+    a.add_argument("--top-p", type=float, default=1.0)
+    a.add_argument("--seed", type=int, default=0)
+    a.set_defaults(fn=_cmd_answer)
+
+    e = sub.add_parser("eval", help="accuracy vs document length: table, CSV/JSON, plots")
+    try:
+        from memagent_jax.eval import add_eval_arguments
+
+        add_eval_arguments(e)
+    except ImportError:
+        pass
+    e.set_defaults(fn=_cmd_eval)
+
+    x = sub.add_parser("export", help="orbax checkpoint of a run -> HF directory")
+    x.add_argument("checkpoint", help="a run folder (its checkpoints/ and config.yaml)")
+    x.add_argument("--out", required=True)
+    x.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    x.set_defaults(fn=_cmd_export)
+
+    b = sub.add_parser("data", help="build a tfds dataset (array_record) from local files")
+    b.add_argument("name", choices=["ruler_hotpotqa", "memagent_rows", "ruler_synthetic"])
+    b.add_argument("config", help="builder config, e.g. n200 or niah_single_2_8192")
+    b.add_argument("--data-dir", required=True)
+    b.add_argument("--overwrite", action="store_true")
+    b.add_argument("inputs", nargs="*", help="builder inputs as key=value (e.g. path=FILE)")
+    b.set_defaults(fn=_cmd_data)
+
+    pl = sub.add_parser("plan", help="per-device memory plan for a config; suggests mesh shapes")
+    try:
+        from memagent_jax.plan import add_plan_arguments
+
+        add_plan_arguments(pl)
+    except ImportError:
+        pass
+    pl.set_defaults(fn=_cmd_plan)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `memagent-jax` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"memagent-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

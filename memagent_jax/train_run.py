@@ -1,0 +1,77 @@
+"""`memagent-jax train` and `export`: wiring config -> mesh -> policy -> data -> Trainer, and
+orbax checkpoint -> HF directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+from flax import nnx
+
+from memagent_jax.config import Config, load_config
+from memagent_jax.data.loader import loader_state, make_loader, restore_loader
+from memagent_jax.data.sources import training_source
+from memagent_jax.policy import build_mesh, init_distributed, load_policy
+from memagent_jax.rl.trainer import RewardFn, Trainer
+
+
+def make_trainer(cfg: Config, *, reward_fn: RewardFn | None = None, model: Any = None,
+                 tokenizer: Any = None) -> Trainer:
+    """A Trainer for `cfg` with the configured data source and a grain loader (exact resume)."""
+    init_distributed(cfg)
+    mesh = build_mesh(cfg)
+    if model is None or tokenizer is None:
+        model, tokenizer = load_policy(cfg, mesh, seed=cfg.trainer.seed)
+    source = training_source(cfg.data)
+    it = make_loader(source, batch_size=cfg.rl.gen_batch_size, seed=cfg.data.seed,
+                     shuffle=cfg.data.shuffle)
+    return Trainer(cfg, model, tokenizer, it, mesh=mesh, reward_fn=reward_fn,
+                   data_state=(lambda: loader_state(it), lambda s: restore_loader(it, s)))
+
+
+def run_training(cfg: Config, *, reward_fn: RewardFn | None = None) -> str:
+    """Trains, then exports the final policy to `<out_dir>/hf` (process 0). Returns the status."""
+    trainer = make_trainer(cfg, reward_fn=reward_fn)
+    try:
+        status = trainer.run()
+        if status == "done":
+            export_model(trainer.model(), trainer.tokenizer, Path(cfg.trainer.out_dir) / "hf")
+    finally:
+        trainer.close()
+    return status
+
+
+def export_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
+    """An HF directory (config.json + safetensors + tokenizer files) servable by transformers/vLLM."""
+    from memagent_jax.models import save_pretrained
+    from memagent_jax.tokenizer import save_tokenizer
+
+    out = Path(out_dir)
+    if jax.process_index() == 0:
+        save_pretrained(model, out)
+        save_tokenizer(tokenizer, out)
+    return out
+
+
+def export_checkpoint(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
+    """Restores a run's orbax checkpoint (latest or `step`) and writes an HF directory."""
+    from memagent_jax.checkpoint import RunCheckpointer
+    from memagent_jax.rl.train_step import init_train_state, make_optimizer
+
+    run = Path(run_dir)
+    if run.name == "checkpoints":
+        run = run.parent
+    cfg_path = run / "config.yaml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} not found: pass a run folder written by memagent-jax train")
+    cfg = load_config(cfg_path)
+    model, tokenizer = load_policy(cfg)
+    tx = make_optimizer(cfg.optim.lr, 1, 1)
+    graphdef, state = init_train_state(model, tx)
+    ckpt = RunCheckpointer(run / "checkpoints", async_save=False)
+    try:
+        state, _ = ckpt.restore(state, step)
+    finally:
+        ckpt.close()
+    return export_model(nnx.merge(graphdef, state.params), tokenizer, out_dir)
