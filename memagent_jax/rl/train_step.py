@@ -63,11 +63,23 @@ def make_optimizer(lr: float, warmup_steps: int, steps_per_rl_step: int, *, b1: 
     return optax.apply_if_finite(chain, max_consecutive_errors=1_000_000)
 
 
-def init_train_state(model: Any, tx: optax.GradientTransformation) -> tuple[Any, TrainState]:
-    """(graphdef, TrainState) for an NNX model; optimizer moments inherit the weights' shardings."""
+def init_train_state(model: Any, tx: optax.GradientTransformation,
+                     mesh: jax.sharding.Mesh | None = None) -> tuple[Any, TrainState]:
+    """(graphdef, TrainState) for an NNX model; optimizer moments inherit the weights' shardings
+    and, with a mesh, scalars (step, counts) are replicated over it."""
     graphdef, params = nnx.split(model, nnx.Param)
-    return graphdef, TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                opt_state=tx.init(params))
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    if mesh is not None:
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+        def on_mesh(x: jax.Array) -> jax.Array:
+            sharding = getattr(x, "sharding", None)
+            if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh == mesh:
+                return x
+            return jax.device_put(x, replicated)
+
+        state = jax.tree.map(on_mesh, state)
+    return graphdef, state
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "chunk"))

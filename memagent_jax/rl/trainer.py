@@ -113,7 +113,7 @@ class Trainer:
         self.tx = make_optimizer(cfg.optim.lr, cfg.optim.warmup_steps, self.num_minis * rl.ppo_epochs,
                                  b1=cfg.optim.b1, b2=cfg.optim.b2, eps=cfg.optim.eps,
                                  weight_decay=cfg.optim.weight_decay, grad_clip=cfg.optim.grad_clip)
-        self.graphdef, self.state = init_train_state(model, self.tx)
+        self.graphdef, self.state = init_train_state(model, self.tx, mesh)
         self.ref_params = jax.tree.map(jnp.copy, self.state.params) if rl.kl_coef > 0 else None
         self.apply_update = make_apply_update(self.tx, jax.tree.map(lambda x: x.sharding, self.state))
         self.settings = LossSettings(
