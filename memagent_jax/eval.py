@@ -1,0 +1,448 @@
+"""Evaluation: accuracy of the memory agent (and baselines) vs document length.
+
+`evaluate` runs every *cell* (task, length, policy). Tasks are the RULER synthetic tasks (length =
+context tokens of the tokenizer) and "hotpotqa" (RULER-HotpotQA; length = number of documents N).
+Each cell generates `num_samples` deterministic samples (`seed`), runs the agent with
+`rollout(..., training=False, group_size=1)` in batches, extracts the answer (boxed, else "the
+answer is ...", else the raw text) and scores it with the task's metric (sub_em for QA,
+string_match_all for RULER), reported as a percentage.
+
+The `full_context` baseline puts the whole document in one prompt; where that prompt plus the
+answer budget does not fit `max_context_tokens` (default: the model's position range) the cell is
+recorded as N/A, as in the paper's table. Nothing is truncated.
+
+Results are written after every cell to out_dir/results.json (settings, then every cell with its
+per-sample records), results.csv and report.md; a rerun with the same settings skips finished
+cells, so a killed evaluation resumes where it stopped. The PNGs (accuracy_vs_length.png,
+heatmap.png) are drawn at the end (`write_outputs` redraws everything from results.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from memagent_jax.agent.memory import FullContextPolicy, MemoryPolicy, make_policy
+from memagent_jax.agent.prompts import PromptBuilder, templates_from_config
+from memagent_jax.agent.rollout import GenerateFn, rollout, sampler_generate_fn
+from memagent_jax.config import AgentSection
+from memagent_jax.data import hotpotqa, ruler_synthetic
+from memagent_jax.plots import format_length, plot_accuracy_vs_length, plot_heatmap
+from memagent_jax.rl.rewards import answer_is_extract, boxed_answer, string_match_all, sub_em
+
+logger = logging.getLogger(__name__)
+
+HOTPOTQA = "hotpotqa"
+KNOWN_TASKS: tuple[str, ...] = (*ruler_synthetic.TASKS, HOTPOTQA)
+METRICS: dict[str, Callable[[str | None, Sequence[str]], float]] = {
+    "sub_em": sub_em, "string_match_all": string_match_all}
+RESULTS_JSON, RESULTS_CSV, REPORT_MD = "results.json", "results.csv", "report.md"
+PLOTS = ("accuracy_vs_length.png", "heatmap.png")
+CSV_FIELDS = ("task", "length", "policy", "accuracy", "n", "seconds_per_sample", "chunks_mean",
+              "status", "metric", "doc_tokens_mean")
+DEFAULT_WINDOW = 8192  # full_context window when neither max_context_tokens nor a model gives one
+
+
+def metric_name(task: str) -> str:
+    """The task's scoring metric: "sub_em" (hotpotqa, qa_1) or "string_match_all"."""
+    return "sub_em" if task == HOTPOTQA else ruler_synthetic.metric_for(task)
+
+
+def length_unit(task: str) -> str:
+    """What a length means for the task: "docs" (hotpotqa) or "tokens" (RULER)."""
+    return "docs" if task == HOTPOTQA else "tokens"
+
+
+def extract_answer(text: str | None) -> str:
+    """The answer in a final reply: last \\boxed{}, else text after "the answer is", else the text."""
+    text = text or ""
+    for found in (boxed_answer(text), answer_is_extract(text)):
+        if found is not None:
+            return found
+    return text.strip()
+
+
+def cell_key(task: str, length: int, policy: str) -> str:
+    """Key of a cell in results.json["cells"]."""
+    return f"{task}/{int(length)}/{policy}"
+
+
+def _check_tasks(tasks: Sequence[str]) -> list[str]:
+    """`tasks` as a list; ValueError naming the known tasks when one is unknown or none is given."""
+    unknown = [t for t in tasks if t not in KNOWN_TASKS]
+    if unknown or not tasks:
+        raise ValueError(f"unknown task(s) {unknown or '(none given)'}; known tasks: {', '.join(KNOWN_TASKS)}")
+    return list(tasks)
+
+
+def task_samples(task: str, length: int, num_samples: int, tokenizer: Any, *, seed: int = 0,
+                 hotpotqa_items: Sequence[dict[str, Any]] | str | os.PathLike[str] | None = None,
+                 squad_path: str | None = None) -> list[dict[str, Any]]:
+    """The deterministic samples of one (task, length): dicts with question, context, answers.
+
+    hotpotqa uses the first `num_samples` questions of `hotpotqa_items` (a path or loaded items)
+    with `length` documents each; RULER tasks are generated to `length` tokens of `tokenizer`.
+    """
+    if task == HOTPOTQA:
+        if hotpotqa_items is None:
+            raise ValueError("task 'hotpotqa' needs a local HotpotQA distractor-format file: pass "
+                             "hotpotqa_path= (CLI: --hotpotqa PATH, e.g. hotpot_dev_distractor_v1.json)")
+        source = hotpotqa.generate(hotpotqa_items, int(length), seed=seed, max_questions=num_samples)
+        samples = [source[i] for i in range(len(source))]
+        if len(samples) < num_samples:
+            logger.warning("hotpotqa: only %d questions available (asked for %d)", len(samples), num_samples)
+        return samples
+    _check_tasks([task])
+    return ruler_synthetic.generate_many(task, int(length), tokenizer, num_samples, seed=seed,
+                                         squad_path=squad_path)
+
+
+def _policy_for(name: str, agent: Any, main: bool) -> MemoryPolicy:
+    """A policy by name; overwrite gets the agent's chunk and memory sizes. full_context never
+    truncates here (cells that do not fit are N/A instead)."""
+    if name == "full_context":
+        return FullContextPolicy(max_context_tokens=1 << 62)
+    kwargs: dict[str, Any] = {}
+    if name == "overwrite":
+        kwargs = dict(chunk_size=agent.chunk_size, max_chunks=None, max_memory_tokens=agent.max_memory_tokens)
+    if main:
+        kwargs.update(getattr(agent, "policy_kwargs", None) or {})
+    return make_policy(name, **kwargs)
+
+
+def _fit_check(samples: Sequence[Mapping[str, Any]], tokenizer: Any, builder: PromptBuilder,
+               final_tokens: int, window: int) -> str | None:
+    """None if every sample's full-context prompt + answer budget fits `window`, else the reason."""
+    longest = 0
+    for s in samples:
+        ids = builder.final_prompt(tokenizer.encode(s["question"]), tokenizer.encode(s["context"]))
+        longest = max(longest, len(ids) + final_tokens)
+    if longest > window:
+        return f"prompt + answer budget is {longest} tokens, over max_context_tokens={window}"
+    return None
+
+
+def _run_cell(samples: Sequence[dict[str, Any]], policy: MemoryPolicy, *, builder: PromptBuilder,
+              tokenizer: Any, generate_fn: GenerateFn, gen: dict[str, Any], batch_size: int,
+              metric: str, question_budget: int | None) -> dict[str, Any]:
+    """Run one policy over the samples in batches; per-sample records and the cell summary."""
+    score_fn = METRICS[metric]
+    records: list[dict[str, Any]] = []
+    seconds = 0.0
+    for b, start in enumerate(range(0, len(samples), batch_size)):
+        batch = list(samples[start:start + batch_size])
+        t0 = time.perf_counter()
+        res = rollout(batch, policy=policy, builder=builder, tokenizer=tokenizer, generate_fn=generate_fn,
+                      group_size=1, training=False, question_budget=question_budget,
+                      gen_kwargs={**gen, "seed": gen["seed"] + 1_000_003 * b})
+        dt = time.perf_counter() - t0
+        seconds += dt
+        for s, t, doc_tokens in zip(batch, res.trajectories, res.stats["doc_tokens"]):
+            final = res.conversations[t.conversation_ids[-1]]
+            pred = extract_answer(t.answer_text)
+            records.append({
+                "id": s.get("id", str(len(records))), "question": s["question"], "answers": list(s["answers"]),
+                "prediction": pred, "response": t.answer_text, "score": float(score_fn(pred, s["answers"])),
+                "chunks": int(t.num_chunks), "doc_tokens": int(doc_tokens), "seconds": dt / len(batch),
+                "finish_reason": final.finish_reason, "memory_capped_turns": int(t.memory_capped_turns),
+                "final_memory": t.memories[-1] if t.memories else None,
+            })
+    n = max(1, len(records))
+    mean = {k: sum(r[k] for r in records) / n for k in ("score", "chunks", "doc_tokens")}
+    return {"status": "ok", "n": len(records), "seconds": seconds, "accuracy": 100.0 * mean["score"],
+            "seconds_per_sample": seconds / n, "chunks_mean": mean["chunks"], "doc_tokens_mean": mean["doc_tokens"],
+            "samples": records}
+
+
+# ----------------------------------------------------------------------------- results files
+
+
+def load_results(out_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """out_dir/results.json, or None if there is none yet."""
+    path = Path(out_dir) / RESULTS_JSON
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Atomic write: a killed run never leaves a half-written file behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "N/A" if value is None else f"{value:.{digits}f}"
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    nums = [v for v in values if v is not None]
+    return sum(nums) / len(nums) if nums else None
+
+
+def render_report(results: Mapping[str, Any]) -> str:
+    """report.md: accuracy tables in the style of REFERENCE.md section 6 (rows task/policy,
+    columns lengths, then the row average over non-N/A cells), then the cost per sample."""
+    cells = list(results["cells"].values())
+    s = results.get("settings", {})
+    lines = ["# Evaluation report", ""]
+    meta = s.get("meta") or {}
+    if meta.get("model"):
+        lines.append(f"model: `{meta['model']}`  ")
+    agent = s.get("agent", {})
+    lines += [f"policy: {agent.get('policy')} (chunk_size={agent.get('chunk_size')}, "
+              f"max_memory_tokens={agent.get('max_memory_tokens')}, final_style={agent.get('final_style')}); "
+              f"baselines: {', '.join(s.get('baselines', [])) or 'none'}  ",
+              f"samples per cell: {s.get('num_samples')}, temperature={s.get('temperature')}, "
+              f"top_p={s.get('top_p')}, top_k={s.get('top_k')}, seed={s.get('seed')}", ""]
+    titles = {"tokens": "RULER synthetic tasks (string_match_all; qa_1: sub_em), length in tokens",
+              "docs": "RULER-HotpotQA (sub_em), length in documents"}
+    for unit in dict.fromkeys(c["unit"] for c in cells):
+        mine = [c for c in cells if c["unit"] == unit]
+        lengths = sorted({int(c["length"]) for c in mine})
+        tasks = list(dict.fromkeys(c["task"] for c in mine))
+        policies = list(dict.fromkeys(c["policy"] for c in mine))
+        index = {(c["task"], c["policy"], int(c["length"])): c for c in mine}
+        header = "| task | policy | " + " | ".join(format_length(n, unit) for n in lengths) + " | avg |"
+        for what, field, digits in (("Accuracy (%)", "accuracy", 2), ("Seconds per sample", "seconds_per_sample", 3)):
+            lines += [f"## {what}: {titles.get(unit, unit)}", "", header, "|---" * (len(lengths) + 3) + "|"]
+            for task in tasks:
+                for policy in policies:
+                    row = [index.get((task, policy, n)) for n in lengths]
+                    if not any(row):
+                        continue
+                    vals = [None if c is None or c["status"] != "ok" else c[field] for c in row]
+                    shown = ["-" if c is None else _fmt(v, digits) for c, v in zip(row, vals)]
+                    lines.append(f"| {task} | {policy} | " + " | ".join(shown) + f" | {_fmt(_mean(vals), digits)} |")
+            ruler = [t for t in tasks if t != HOTPOTQA]
+            if field == "accuracy" and len(ruler) > 1:
+                for policy in policies:
+                    per_len = []
+                    for n in lengths:
+                        cs = [index.get((t, policy, n)) for t in ruler]
+                        ok = all(c is not None and c["status"] == "ok" for c in cs)
+                        per_len.append(_mean([c["accuracy"] for c in cs]) if ok else None)
+                    lines.append(f"| RULER average | {policy} | " + " | ".join(_fmt(v) for v in per_len)
+                                 + f" | {_fmt(_mean(per_len))} |")
+            lines.append("")
+    na = [c for c in cells if c["status"] != "ok"]
+    if na:
+        lines += ["N/A: the document does not fit the baseline's context window "
+                  f"({len(na)} cell(s); see results.json for each reason). '-': not evaluated yet.", ""]
+    lines += ["Seconds include JIT compilation in the first cells that meet a new prompt shape.", ""]
+    return "\n".join(lines)
+
+
+def write_outputs(results: Mapping[str, Any], out_dir: str | os.PathLike[str], *, plots: bool = True) -> None:
+    """Write results.json, results.csv, report.md and (with `plots`) the PNGs into out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text(out / RESULTS_JSON, json.dumps(results, indent=1, ensure_ascii=False))
+    cells = list(results["cells"].values())
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({**c, "accuracy": "" if c["accuracy"] is None else round(c["accuracy"], 4)} for c in cells)
+    _write_text(out / RESULTS_CSV, buf.getvalue())
+    _write_text(out / REPORT_MD, render_report(results))
+    if plots and cells:
+        plot_accuracy_vs_length(cells, out / PLOTS[0])
+        plot_heatmap(cells, out / PLOTS[1])
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    *,
+    tasks: Sequence[str],
+    lengths: Sequence[int],
+    num_samples: int,
+    out_dir: str | os.PathLike[str],
+    agent: AgentSection | Mapping[str, Any] | None = None,
+    temperature: float = 0.7,
+    top_p: float = 0.95,
+    top_k: int = 0,
+    seed: int = 0,
+    baselines: Sequence[str] = ("full_context",),
+    max_context_tokens: int | None = None,
+    hotpotqa_path: str | os.PathLike[str] | None = None,
+    squad_path: str | os.PathLike[str] | None = None,
+    generate_fn: GenerateFn | None = None,
+    batch_size: int = 16,
+    meta: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate `agent.policy` and `baselines` on tasks x lengths; returns the results dict.
+
+    `agent` is an AgentSection (or a dict of its fields): policy, chunk_size, max_memory_tokens
+    (also the memory turn's generation budget), max_final_new_tokens, final_style, templates and
+    question_budget. `generate_fn` defaults to the real sampler on `model`. `meta` (e.g. the model
+    path) is stored in results.json. Raises ValueError when out_dir holds results of other settings.
+    """
+    if agent is None:
+        agent = AgentSection()
+    elif isinstance(agent, Mapping):
+        agent = AgentSection(**agent)
+    tasks, lengths = _check_tasks(tasks), [int(n) for n in lengths]
+    if not lengths or min(lengths) < 1 or num_samples < 1 or batch_size < 1:
+        raise ValueError(f"need lengths >= 1, num_samples >= 1 and batch_size >= 1 "
+                         f"(got lengths={lengths}, num_samples={num_samples}, batch_size={batch_size})")
+    if HOTPOTQA in tasks and hotpotqa_path is None:
+        raise ValueError("task 'hotpotqa' needs hotpotqa_path: a local HotpotQA distractor-format JSON "
+                         "file (CLI: --hotpotqa PATH, e.g. hotpot_dev_distractor_v1.json)")
+    if "qa_1" in tasks and squad_path is None:
+        raise ValueError("task 'qa_1' needs squad_path: a local SQuAD v1.1 JSON file (CLI: --squad PATH)")
+    policies = list(dict.fromkeys([agent.policy, *baselines]))
+    for name in policies:
+        _policy_for(name, agent, name == agent.policy)  # fail fast on a bad name or setting
+    if generate_fn is None:
+        if model is None:
+            raise ValueError("evaluate needs a model or a generate_fn")
+        generate_fn = sampler_generate_fn(model, tokenizer)
+    window = max_context_tokens or getattr(getattr(model, "config", None), "max_position_embeddings", None) \
+        or DEFAULT_WINDOW
+    settings = json.loads(json.dumps({
+        "num_samples": num_samples, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+        "seed": seed, "agent": dataclasses.asdict(agent), "max_context_tokens": window,
+        "hotpotqa_path": os.fspath(hotpotqa_path) if hotpotqa_path else None,
+        "squad_path": os.fspath(squad_path) if squad_path else None, "meta": dict(meta or {})}))
+    results = load_results(out_dir) or {"version": 1, "settings": settings, "cells": {}}
+    changed = sorted(k for k in settings if results["settings"].get(k) != settings[k])
+    if changed:
+        raise ValueError(f"{Path(out_dir) / RESULTS_JSON} holds results of different settings "
+                         f"({', '.join(changed)}); use another out_dir or delete it to start over")
+    results["settings"]["baselines"] = list(dict.fromkeys([*results["settings"].get("baselines", []),
+                                                           *[b for b in baselines if b != agent.policy]]))
+
+    builder = PromptBuilder(tokenizer, templates_from_config(agent))
+    gen = dict(max_memory_new_tokens=agent.max_memory_tokens, max_final_new_tokens=agent.max_final_new_tokens,
+               temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    items = hotpotqa.load_hotpotqa(hotpotqa_path) if HOTPOTQA in tasks else None
+    todo = [(t, n, p) for t in tasks for n in lengths for p in policies]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo), initial=sum(cell_key(*c) in results["cells"] for c in todo), unit="cell",
+               desc="eval", disable=not progress, dynamic_ncols=True)
+    cache: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    task_t0: dict[str, float] = {}
+    task_done: dict[str, int] = {}
+    try:
+        for task, n, name in todo:
+            key, where = cell_key(task, n, name), f"{task} @ {format_length(n, length_unit(task))} [{name}]"
+            if key in results["cells"]:
+                continue
+            t0, did = task_t0.setdefault(task, time.perf_counter()), task_done.get(task, 0)
+            left = sum(cell_key(*c) not in results["cells"] for c in todo if c[0] == task)
+            eta = f"{(time.perf_counter() - t0) / did * left:.0f}s" if did else "?"
+            bar.set_postfix_str(f"{where}; {task}: {time.perf_counter() - t0:.0f}s elapsed, ETA {eta}")
+            if (task, n) not in cache:  # the same samples for every policy of this (task, length)
+                cache = {(task, n): task_samples(task, n, num_samples, tokenizer, seed=seed, hotpotqa_items=items,
+                                                 squad_path=os.fspath(squad_path) if squad_path else None)}
+            samples = cache[(task, n)]
+            reason = _fit_check(samples, tokenizer, builder, agent.max_final_new_tokens, window) \
+                if name == "full_context" else None
+            if reason is not None:
+                cell = {"status": "n/a", "reason": reason, "accuracy": None, "n": len(samples), "seconds": 0.0,
+                        "seconds_per_sample": None, "chunks_mean": None, "doc_tokens_mean": None, "samples": []}
+            else:
+                cell = _run_cell(samples, _policy_for(name, agent, name == agent.policy), builder=builder,
+                                 tokenizer=tokenizer, generate_fn=generate_fn, gen=gen, batch_size=batch_size,
+                                 metric=metric_name(task), question_budget=agent.question_budget)
+            results["cells"][key] = {"task": task, "length": n, "policy": name, "unit": length_unit(task),
+                                     "metric": metric_name(task), **cell}
+            write_outputs(results, out_dir, plots=False)
+            task_done[task] = did + 1
+            acc = "N/A" if cell["accuracy"] is None else f"{cell['accuracy']:.1f}%"
+            line = f"{where}: {acc} (n={cell['n']}, {cell['seconds_per_sample'] or 0:.2f} s/sample)"
+            (bar.write if progress else logger.info)(line)
+            bar.update(1)
+    finally:
+        bar.close()
+        write_outputs(results, out_dir, plots=True)
+    return results
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_lengths(text: str) -> list[int]:
+    """"8K,16K,1M" or "50,100" -> ints (K = 1024, M = 1024 * 1024)."""
+    out = []
+    for part in (p.strip() for p in str(text).split(",") if p.strip()):
+        scale = {"k": 1 << 10, "m": 1 << 20}.get(part[-1].lower(), 1)
+        number = part[:-1] if scale > 1 else part
+        try:
+            out.append(int(round(float(number) * scale)))
+        except ValueError as e:
+            raise ValueError(f"bad length {part!r} in --lengths {text!r}: want e.g. 8K,16K or 50,100") from e
+    if not out:
+        raise ValueError(f"--lengths {text!r} names no length")
+    return out
+
+
+def _names(text: str) -> list[str]:
+    return [p.strip() for p in str(text).split(",") if p.strip() and p.strip().lower() != "none"]
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the `memagent-jax eval` options to `parser` (see `run_eval_cli`)."""
+    a = parser.add_argument
+    a("--model", required=True, help="HF model directory (config.json, safetensors, tokenizer files)")
+    a("--tasks", required=True, help=f"comma-separated tasks: {', '.join(KNOWN_TASKS)}")
+    a("--lengths", required=True,
+      help="comma-separated lengths: tokens for RULER tasks (8K = 8192), documents for hotpotqa (50,100)")
+    a("--num-samples", type=int, default=128, help="samples per (task, length) (default 128)")
+    a("--out", required=True, help="output folder; rerunning with the same settings resumes")
+    a("--temperature", type=float, default=0.7)
+    a("--top-p", type=float, default=0.95)
+    a("--top-k", type=int, default=0)
+    a("--seed", type=int, default=0)
+    a("--policy", default="overwrite", help="memory policy name or module.path:ClassName")
+    a("--chunk-size", type=int, default=5000, help="tokens per chunk (overwrite policy)")
+    a("--max-memory-tokens", type=int, default=1024, help="memory size = memory-turn generation budget")
+    a("--max-final-new-tokens", type=int, default=1024, help="answer generation budget")
+    a("--final-style", default="boxed", choices=["boxed", "answer_is"])
+    a("--question-budget", type=int, default=1024)
+    a("--hotpotqa", default=None, help="HotpotQA distractor-format JSON (required for task hotpotqa)")
+    a("--squad", default=None, help="SQuAD v1.1 JSON (required for task qa_1)")
+    a("--baselines", default="full_context", help="comma-separated baseline policies ('none' for none)")
+    a("--max-context-tokens", type=int, default=None,
+      help="full_context window (prompt + answer); default: the model's max_position_embeddings")
+    a("--batch-size", type=int, default=16, help="documents per rollout batch")
+    a("--dtype", default="float32", help="weight dtype (float32, bfloat16)")
+    a("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def run_eval_cli(args: argparse.Namespace) -> dict[str, Any]:
+    """`memagent-jax eval`: load the model and tokenizer from args.model, evaluate, print the report."""
+    from memagent_jax.models import from_pretrained
+    from memagent_jax.models.model_config import dtype_from_name
+    from memagent_jax.tokenizer import load_tokenizer
+
+    tasks, lengths, dtype = _check_tasks(_names(args.tasks)), parse_lengths(args.lengths), dtype_from_name(args.dtype)
+    tokenizer = load_tokenizer(args.model)  # (inputs are checked before loading a possibly large model)
+    model = from_pretrained(args.model, dtype=dtype)
+    agent = AgentSection(policy=args.policy, chunk_size=args.chunk_size, max_memory_tokens=args.max_memory_tokens,
+                         max_final_new_tokens=args.max_final_new_tokens, final_style=args.final_style,
+                         question_budget=args.question_budget)
+    results = evaluate(model, tokenizer, tasks=tasks, lengths=lengths, num_samples=args.num_samples,
+                       out_dir=args.out, agent=agent, temperature=args.temperature, top_p=args.top_p,
+                       top_k=args.top_k, seed=args.seed, baselines=_names(args.baselines),
+                       max_context_tokens=args.max_context_tokens, hotpotqa_path=args.hotpotqa,
+                       squad_path=args.squad, batch_size=args.batch_size,
+                       meta={"model": os.path.abspath(args.model)}, progress=not args.no_progress)
+    print(render_report(results))
+    print(f"results: {Path(args.out).resolve()} ({RESULTS_JSON}, {RESULTS_CSV}, {REPORT_MD}, {', '.join(PLOTS)})")
+    return results
