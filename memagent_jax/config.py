@@ -67,6 +67,7 @@ class RolloutSection:
     top_k: int = 0
     val_temperature: float = 1.0
     val_top_p: float = 0.7
+    max_rows_per_call: int = 0  # cap on rows of one sampler call (0 = all active rows at once)
 
 
 @dataclasses.dataclass

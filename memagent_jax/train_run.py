@@ -24,8 +24,11 @@ def make_trainer(cfg: Config, *, reward_fn: RewardFn | None = None, model: Any =
     if model is None or tokenizer is None:
         model, tokenizer = load_policy(cfg, mesh, seed=cfg.trainer.seed)
     source = training_source(cfg.data)
-    it = make_loader(source, batch_size=cfg.rl.gen_batch_size, seed=cfg.data.seed,
-                     shuffle=cfg.data.shuffle)
+    if cfg.rl.gen_batch_size % jax.process_count():
+        raise ValueError(f"rl.gen_batch_size={cfg.rl.gen_batch_size} must be a multiple of the "
+                         f"{jax.process_count()} processes (each loads its share of documents)")
+    it = make_loader(source, batch_size=cfg.rl.gen_batch_size // jax.process_count(),
+                     seed=cfg.data.seed, shuffle=cfg.data.shuffle)
     return Trainer(cfg, model, tokenizer, it, mesh=mesh, reward_fn=reward_fn,
                    data_state=(lambda: loader_state(it), lambda s: restore_loader(it, s)))
 

@@ -149,12 +149,15 @@ def rollout(
     gen_kwargs: Mapping[str, Any] | None = None,
     question_budget: int | None = 1024,
     on_step: Callable[[int, int, list[Trajectory]], None] | None = None,
+    sync_steps: Callable[[int], int] | None = None,
 ) -> RolloutResult:
     """Run the memory agent on `samples` ({"question", "context", "answers"}) x `group_size`.
 
     Trajectory i = b * group_size + g reads document b. Call k (memory step k, then the final
     step) uses seed `gen_kwargs["seed"] + k`, so the same seed reproduces the same rollout.
     `on_step(k, num_steps, trajectories)` runs after each memory step (progress, memory display).
+    `sync_steps(local_steps) -> steps` makes processes agree on the number of memory steps (multi-
+    host: every process joins every sampler call, with zero rows once its documents are done).
     """
     unknown = set(gen_kwargs or {}) - set(GEN_DEFAULTS)
     if unknown:
@@ -169,6 +172,8 @@ def rollout(
     memory = [list(docs[t.group_id].initial_memory) for t in trajs]
     call = _Caller(generate_fn, {k: gen[k] for k in ("temperature", "top_p", "top_k") if gen[k] is not None})
     num_steps = max(len(d.chunks) for d in docs)
+    if sync_steps is not None:
+        num_steps = sync_steps(num_steps)
 
     for k in range(num_steps):  # memory turns: every trajectory that still has a k-th chunk
         active = [t for t in trajs if k < t.num_chunks]

@@ -33,6 +33,7 @@ from memagent_jax.agent.prompts import PromptBuilder, templates_from_config
 from memagent_jax.agent.rollout import RolloutResult, rollout
 from memagent_jax.checkpoint import RunCheckpointer, StopSignal
 from memagent_jax.config import Config, save_config
+from memagent_jax.distributed import allgather_objects, global_array, global_max, to_host
 from memagent_jax.metrics import MetricsWriter
 from memagent_jax.models.sharding import batch_multiple, batch_sharding
 from memagent_jax.rl import rewards as R
@@ -53,7 +54,7 @@ from memagent_jax.rl.train_step import (
     micro_batch_grads,
     sequence_logprobs,
 )
-from memagent_jax.types import Trajectory
+from memagent_jax.types import SampleOutput, Trajectory
 
 RewardFn = Callable[[Trajectory], tuple[float, float]]  # -> (reward, accuracy)
 
@@ -147,15 +148,33 @@ class Trainer:
         state = sampler.decode_state(model, mesh)
         r = self.cfg.rollout
 
-        def generate(prompts: list[list[int]], *, max_new_tokens: int, seed: int, **kw: Any) -> Any:
+        def generate_rows(prompts: list[list[int]], max_new_tokens: int, seed: int, **kw: Any) -> Any:
             return sampler.generate(
                 model, prompts, max_new_tokens=max_new_tokens, seed=seed, mesh=mesh, state=state,
                 temperature=kw.get("temperature", r.temperature), top_p=kw.get("top_p", r.top_p),
                 top_k=kw.get("top_k", r.top_k), eos_ids=tuple(tok.eos_ids), vocab_limit=tok.vocab_size)
 
+        def generate(prompts: list[list[int]], *, max_new_tokens: int, seed: int, **kw: Any) -> Any:
+            """All rows at once, or slices of rollout.max_rows_per_call rows (bounded KV cache)."""
+            cap = r.max_rows_per_call
+            if cap <= 0:
+                return generate_rows(prompts, max_new_tokens, seed, **kw)
+            (calls,) = global_max(-(-len(prompts) // cap))  # processes agree on the call count
+            outs = [generate_rows(prompts[i * cap:(i + 1) * cap], max_new_tokens, seed + 7919 * i, **kw)
+                    for i in range(calls)]
+            return SampleOutput(tokens=[t for o in outs for t in o.tokens],
+                                logps=[lp for o in outs for lp in o.logps],
+                                finish_reasons=[f for o in outs for f in o.finish_reasons])
+
         return generate
 
     # ------------------------------------------------------------------------------ collect
+    @staticmethod
+    def _sync_steps() -> Callable[[int], int] | None:
+        if jax.process_count() == 1:
+            return None
+        return lambda n: global_max(n)[0]
+
     def collect(self) -> Collected:
         """Generation batches until train_batch_size mixed groups are kept (dynamic sampling)."""
         rl, a = self.cfg.rl, self.cfg.agent
@@ -176,7 +195,11 @@ class Trainer:
                           generate_fn=generate, group_size=self.cfg.rollout.group_size, training=True,
                           gen_kwargs=dict(max_memory_new_tokens=a.max_memory_tokens,
                                           max_final_new_tokens=a.max_final_new_tokens, seed=seed),
-                          question_budget=a.question_budget)
+                          question_budget=a.question_budget, sync_steps=self._sync_steps())
+            if jax.process_count() > 1:  # every process holds the whole generation batch
+                parts = allgather_objects(res)
+                res = merge_kept(parts, [np.ones(len(p.trajectories), bool) for p in parts])
+                res.stats = _merge_stats([p.stats for p in parts])
             gen += 1
             scored = [self.reward_fn(t) for t in res.trajectories]
             reward = np.array([s[0] for s in scored], np.float32)
@@ -201,7 +224,7 @@ class Trainer:
     def _rows_on_device(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         if self.mesh is None:
             return {k: jnp.asarray(v) for k, v in arrays.items()}
-        return {k: jax.device_put(v, batch_sharding(self.mesh, ndim=v.ndim)) for k, v in arrays.items()}
+        return {k: global_array(v, batch_sharding(self.mesh, ndim=v.ndim)) for k, v in arrays.items()}
 
     def _logprob_pass(self, params: Any, batch: Any, lengths: np.ndarray) -> np.ndarray:
         out = np.zeros(batch.tokens.shape, np.float32)
@@ -211,7 +234,7 @@ class Trainer:
             lp = sequence_logprobs(self.graphdef, params, self._rows_on_device(
                 {"tokens": arrays["tokens"]})["tokens"], temperature=self.settings.temperature,
                 chunk=self.settings.logprob_chunk)
-            lp = np.asarray(jax.device_get(lp))[: len(rows)]
+            lp = to_host(lp)[: len(rows)]
             width = min(lp.shape[1], out.shape[1])
             out[rows, :width] = lp[:, :width]
         return out
