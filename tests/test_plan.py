@@ -107,11 +107,13 @@ def _cfg(name, *extra):
 ])
 def test_recipes_fit_their_targets(name, devices, hbm):
     report = plan(_cfg(name), devices, hbm, suggest=False)
-    assert report.train.fits, format_plan(report)
+    assert report.train.fits and report.rollout.fits, format_plan(report)
     # One generate call for every conversation of a turn (gen batch x 16 rows) does not fit;
-    # the rollout fits once a call is capped at max_rollout_rows (>= a few whole groups).
-    assert not report.rollout.fits
+    # the configs cap a call at rollout.max_rollout_rows (>= a few whole groups), which fits.
+    assert not plan(_cfg(name, "rollout.max_rows_per_call=0"), devices, hbm,
+                    suggest=False).rollout.fits
     assert report.max_rollout_rows >= 128
+    assert _cfg(name).rollout.max_rows_per_call == report.max_rollout_rows
     capped = plan(_cfg(name), devices, hbm, suggest=False, rollout_rows=report.max_rollout_rows)
     assert capped.rollout.fits
     assert not plan(_cfg(name), devices, hbm, suggest=False,
@@ -174,7 +176,7 @@ def test_format_and_cli(capsys):
     parser = argparse.ArgumentParser()
     add_plan_arguments(parser)
     args = parser.parse_args(["qwen2_5_7b_memagent", "rl.micro_batch_tokens=16384",
-                              "--devices", "8", "--hbm-gib", "80"])
+                              "rollout.max_rows_per_call=0", "--devices", "8", "--hbm-gib", "80"])
     assert run_plan_cli(args) == 1  # the uncapped rollout does not fit
     out = capsys.readouterr().out
     assert "rl.micro_batch_tokens=16384" in out and "DOES NOT FIT" in out
