@@ -97,7 +97,8 @@ def test_train_then_export_round_trip(tiny_model_dir, tmp_path):
               "trainer.progress=false", "rollout.group_size=2", "rl.train_batch_size=2",
               "rl.gen_batch_size=2", "rl.mini_batch_size=1", "rl.filter_groups=false",
               "agent.chunk_size=32", "agent.max_memory_tokens=4", "agent.max_final_new_tokens=4",
-              "rl.kl_coef=0.001"], tmp_path)
+              "rl.kl_coef=0.001", "optim.lr=0.01", "optim.warmup_steps=1",
+              "optim.weight_decay=0.5"], tmp_path)  # decay moves weights even if A = 0
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 1 and "actor/kl" in metrics[0]
     assert (run / "hf" / "config.json").is_file() and (run / "hf" / "tokenizer.model").is_file()
