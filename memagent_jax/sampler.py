@@ -28,6 +28,7 @@ from memagent_jax.models.sharding import (
     cache_sharding,
     param_shardings,
 )
+from memagent_jax.distributed import from_process_local, global_max, to_host
 from memagent_jax.models.transformer import Decoder, KVCache
 from memagent_jax.types import SampleOutput
 
@@ -131,7 +132,8 @@ def _prefill(model: Decoder, ids: jax.Array, lens: jax.Array, cache: KVCache, ch
 
 
 def _program(graphdef: Any, state: Any, prompt_ids: jax.Array, prompt_lens: jax.Array,
-             row_to_unique: jax.Array, row_keys: jax.Array, params: dict[str, jax.Array], *,
+             row_to_unique: jax.Array, row_keys: jax.Array, row_valid: jax.Array,
+             params: dict[str, jax.Array], *,
              max_new_bucket: int, prefill_chunk: int, mesh: Any) -> tuple[jax.Array, ...]:
     """The whole generation for one batch: prefill unique prompts, share, decode until done."""
     STATS.compilations += 1  # runs at trace time only: counts compiled programs
@@ -159,7 +161,7 @@ def _program(graphdef: Any, state: Any, prompt_ids: jax.Array, prompt_lens: jax.
         step=jnp.int32(0), cache=cache, logits=logits,
         tokens=jnp.zeros((B, max_new_bucket), jnp.int32),
         logps=jnp.zeros((B, max_new_bucket), jnp.float32),
-        done=params["row_valid"] == 0,  # padding rows start finished
+        done=row_valid == 0,  # padding rows start finished
         length=jnp.zeros((B,), jnp.int32),
     )
 
@@ -250,7 +252,10 @@ def generate(
     """
     cfg = model.config
     max_prompt_len = max_prompt_len or cfg.max_position_embeddings
-    _validate(prompts, max_new_tokens, temperature, top_p, top_k, max_prompt_len)
+    # Multi-host: every process calls with its own rows (possibly none) and joins one program.
+    procs = jax.process_count() if mesh is not None else 1
+    if procs == 1 or prompts:
+        _validate(prompts, max_new_tokens, temperature, top_p, top_k, max_prompt_len)
     prompts = [list(map(int, p)) for p in prompts]
     if len(eos_ids) > MAX_STOP_IDS:
         raise ValueError(f"at most {MAX_STOP_IDS} stop ids are supported, got {len(eos_ids)}")
@@ -263,39 +268,48 @@ def generate(
     else:
         row_to_unique, unique_prompts = list(range(len(prompts))), prompts
 
-    multiple = batch_multiple(mesh, DECODE_RULES)
-    B = _pow2_bucket(len(prompts), multiple)
-    U = _pow2_bucket(len(unique_prompts), multiple)
-    P = bucket(max(len(p) for p in unique_prompts))
+    # Shapes (bucketed; agreed across processes): rows B and unique prompts U per process.
+    longest = max((len(p) for p in unique_prompts), default=1)
+    n_rows, n_unique = len(prompts), len(unique_prompts)
+    if procs > 1:
+        n_rows, n_unique, longest, max_new_tokens = global_max(n_rows, n_unique, longest, max_new_tokens)
+        if n_rows == 0:
+            return SampleOutput(tokens=[], logps=[], finish_reasons=[])
+    multiple = max(1, batch_multiple(mesh, DECODE_RULES) // procs)
+    B = _pow2_bucket(n_rows, multiple)
+    U = _pow2_bucket(n_unique, multiple)
+    P = bucket(longest)
     chunk = min(prefill_chunk, P)
     P = -(-P // chunk) * chunk
     N = _pow2_bucket(max_new_tokens, 16)
+    first_row, first_unique = jax.process_index() * B, jax.process_index() * U  # 0 if one process
 
     ids = np.zeros((U, P), np.int32)
     lens = np.ones((U,), np.int32)
     for i, p in enumerate(unique_prompts):
         ids[i, : len(p)] = p
         lens[i] = len(p)
-    rows = np.zeros((B,), np.int32)
-    rows[: len(prompts)] = row_to_unique
+    rows = np.zeros((B,), np.int32) + first_unique
+    rows[: len(prompts)] += row_to_unique
     row_valid = np.zeros((B,), np.int32)
     row_valid[: len(prompts)] = 1
     stops = np.full((MAX_STOP_IDS,), -1, np.int32)
     stops[: len(eos_ids)] = list(eos_ids)
-    keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.PRNGKey(seed), r))(jnp.arange(B))
+    base = jax.random.PRNGKey(seed)
+    keys = np.asarray(jax.vmap(lambda r: jax.random.fold_in(base, r))(np.arange(B) + first_row))
     params = dict(
-        temperature=jnp.float32(temperature), top_p=jnp.float32(top_p), top_k=jnp.int32(top_k),
-        vocab_limit=jnp.int32(vocab_limit or cfg.vocab_size), stop_ids=jnp.asarray(stops),
-        max_new_tokens=jnp.int32(max_new_tokens), row_valid=jnp.asarray(row_valid),
+        temperature=np.float32(temperature), top_p=np.float32(top_p), top_k=np.int32(top_k),
+        vocab_limit=np.int32(vocab_limit or cfg.vocab_size), stop_ids=stops,
+        max_new_tokens=np.int32(max_new_tokens),
     )
     graphdef, st = state if state is not None else decode_state(model, mesh)
-    args = [jnp.asarray(ids), jnp.asarray(lens), jnp.asarray(rows), keys]
+    args = [ids, lens, rows, keys, row_valid]
     if mesh is not None:
-        args = [jax.device_put(a, batch_sharding(mesh, DECODE_RULES, a.ndim)) for a in args]
+        args = [from_process_local(a, batch_sharding(mesh, DECODE_RULES, a.ndim)) for a in args]
     STATS.calls += 1
     STATS.shapes.add((B, U, P, N))
     tokens, logps, length = _compiled(graphdef, N, chunk, mesh)(graphdef, st, *args, params)
-    tokens, logps, length = jax.device_get((tokens, logps, length))
+    tokens, logps, length = (to_host(x)[first_row:first_row + B] for x in (tokens, logps, length))
 
     stop_set = set(int(e) for e in eos_ids)
     out_tokens, out_logps, reasons = [], [], []
