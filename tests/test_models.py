@@ -42,16 +42,26 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(hf_checkpoints, kind):
     full = np.asarray(model(ids))
     # Rows have different prompt lengths (5 and 9); the rest is decoded one token at a time.
     lengths = np.array([5, 9])
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, tokens, cache, index):
+        m = nnx.merge(graphdef, state)
+        hidden, cache = m.hidden_states(tokens, cache=cache, cache_index=index)
+        return m.logits(hidden), cache
+
     cache = KVCache.zeros(model.config, 2, 32)
-    hidden, cache = model.hidden_states(ids[:, :9], cache=cache, cache_index=jnp.zeros(2, jnp.int32))
-    prefill = np.asarray(model.logits(hidden))
+    prefill, cache = run(state, ids[:, :9], cache, jnp.zeros(2, jnp.int32))
+    prefill = np.asarray(prefill)
     for b, n in enumerate(lengths):
         np.testing.assert_allclose(prefill[b, :n], full[b, :n], atol=1e-5)
     pos = jnp.asarray(lengths, jnp.int32)
     for _ in range(20 - 9):
         tok = ids[jnp.arange(2), pos][:, None]
-        hidden, cache = model.hidden_states(tok, cache=cache, cache_index=pos)
-        step = np.asarray(model.logits(hidden))[:, 0]
+        step, cache = run(state, tok, cache, pos)
+        step = np.asarray(step)[:, 0]
         for b in range(2):
             np.testing.assert_allclose(step[b], full[b, int(pos[b])], atol=1e-5)
         pos = pos + 1
