@@ -90,6 +90,18 @@ def filter_logits(logits: jax.Array, top_p: jax.Array, top_k: jax.Array) -> jax.
     return jax.lax.cond((top_k > 0) | (top_p < 1.0), apply, lambda lg: lg, logits)
 
 
+def _argmax(x: jax.Array) -> jax.Array:
+    """int32 index of the first maximum over the last axis (jnp.argmax semantics without NaNs).
+
+    Two plain reductions: XLA:CPU runs argmax's variadic reduce with a fused producer (the Gumbel
+    noise add, the vocab mask) ~3.5x slower (Gumbel-max over 16 x 4096 on 2 cores: 1.75 ms vs
+    0.48 ms, a sixth of a small model's decode step).
+    """
+    top = jnp.max(x, axis=-1, keepdims=True)
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(x == top, iota, x.shape[-1]), axis=-1)
+
+
 def _sample_step(logits: jax.Array, keys: jax.Array, step: jax.Array, params: dict[str, jax.Array]
                  ) -> tuple[jax.Array, jax.Array]:
     """One token per row from fp32 logits [B, V]; returns (ids, full-vocab log-probs of ids)."""
@@ -98,10 +110,13 @@ def _sample_step(logits: jax.Array, keys: jax.Array, step: jax.Array, params: di
     scaled = logits / jnp.where(greedy, 1.0, temperature)
     vocab_ok = jnp.arange(logits.shape[-1])[None, :] < params["vocab_limit"]
     masked = jnp.where(vocab_ok, scaled, _NEG)
-    filtered = filter_logits(masked, params["top_p"], params["top_k"])
-    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
-    sampled = jax.vmap(jax.random.categorical)(step_keys, filtered)
-    ids = jnp.where(greedy, jnp.argmax(masked, axis=-1), sampled).astype(jnp.int32)
+
+    def sample(lg: jax.Array) -> jax.Array:  # Gumbel-max over the top-k / top-p survivors
+        step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
+        noise = jax.vmap(lambda k: jax.random.gumbel(k, lg.shape[-1:], jnp.float32))(step_keys)
+        return _argmax(filter_logits(lg, params["top_p"], params["top_k"]) + noise)
+
+    ids = jax.lax.cond(greedy, _argmax, sample, masked)  # greedy draws no noise
     logps = jax.nn.log_softmax(scaled, axis=-1)
     return ids, jnp.take_along_axis(logps, ids[:, None], axis=-1)[:, 0]
 

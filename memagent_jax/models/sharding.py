@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -70,7 +71,7 @@ def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | 
     devices = list(devices if devices is not None else jax.devices())
     shape = config.resolve(len(devices))
     try:
-        grid = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
+        grid = mesh_utils.create_device_mesh(shape, devices=devices)
     except Exception:  # non-TPU topologies: a plain reshape is fine
         grid = np.asarray(devices).reshape(shape)
     return Mesh(grid, MESH_AXES)
@@ -114,13 +115,28 @@ def named_sharding(
 
 
 def param_shardings(model_config: Any, mesh: Mesh, rules: Rules = TRAIN_RULES) -> dict[str, NamedSharding]:
-    """Sharding of every weight ('/'-joined path -> NamedSharding), following the rules table."""
+    """Sharding of every weight ('/'-joined path -> NamedSharding), following the rules table.
+
+    Besides even division of every sharded dimension, the mesh axes of `heads` / `kv_heads` must
+    divide the head counts (a flat q/k/v dimension may divide while splitting single heads).
+    """
     from memagent_jax.models.transformer import param_logical_axes, param_shapes
 
     shapes = param_shapes(model_config)
+    counts = {"heads": model_config.num_heads, "kv_heads": model_config.num_kv_heads}
+    axes = param_logical_axes(model_config)
+    for path, names in axes.items():
+        for name in names:
+            n = _axis_size(mesh, rules.get(name)) if name in counts else 1
+            if counts.get(name, 1) % n:
+                raise ValueError(
+                    f"weight {path!r}: logical axis {name!r} ({counts[name]} heads) is sharded "
+                    f"over mesh axis {rules[name]!r} of size {n}, which does not divide it; choose a "
+                    f"mesh whose {rules[name]!r} size divides {counts[name]}"
+                )
     return {
         path: named_sharding(mesh, names, rules, shapes[path], what=f"weight {path!r}")
-        for path, names in param_logical_axes(model_config).items()
+        for path, names in axes.items()
     }
 
 

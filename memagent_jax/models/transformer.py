@@ -145,6 +145,27 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     return out.reshape(B, T, H * hd)
 
 
+def write_cache(cache: jax.Array, new: jax.Array, layer: jax.Array, offset: jax.Array) -> jax.Array:
+    """Writes new [B, T, K, hd] into the stacked cache [L, B, S, K, hd] at `layer`, slots
+    offset[b] ... offset[b] + T - 1 of row b.
+
+    One scatter of only the new entries, in place in a loop carry: copying the [B, S, K, hd]
+    layer slice, updating it and writing it back made the CPU sampler ~1.6x slower end to end.
+    The row is a scatter batching dimension, so a batch-sharded cache is updated shard-locally
+    (no all-gather of indices or updates). Out-of-range slots clip, like dynamic_update_slice.
+    """
+    B = new.shape[0]
+    layers = jnp.broadcast_to(jnp.asarray(layer, jnp.int32), (B,))
+    dnums = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=(1, 2, 3), inserted_window_dims=(0,),
+        scatter_dims_to_operand_dims=(0, 2), operand_batching_dims=(1,),
+        scatter_indices_batching_dims=(0,))
+    indices = jnp.stack([layers, offset.astype(jnp.int32)], axis=-1)  # [B, 2]: (layer, slot)
+    return jax.lax.scatter(cache, indices, new.astype(cache.dtype), dnums,
+                           indices_are_sorted=True, unique_indices=True,
+                           mode=jax.lax.GatherScatterMode.CLIP)
+
+
 def _remat(fn: Any, policy: str) -> Any:
     if policy == "none":
         return fn
@@ -231,12 +252,8 @@ class Decoder(nnx.Module):
             k = apply_rope(k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim), positions, inv_freq)
             v = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
             if ck is not None:
-                write = jax.vmap(lambda c, new, o: jax.lax.dynamic_update_slice(c, new, (o, 0, 0)))
-                layer_k = write(ck[i], k.astype(ck.dtype), offset)
-                layer_v = write(cv[i], v.astype(cv.dtype), offset)
-                ck = jax.lax.dynamic_update_index_in_dim(ck, layer_k, i, axis=0)
-                cv = jax.lax.dynamic_update_index_in_dim(cv, layer_v, i, axis=0)
-                k, v = layer_k.astype(dtype), layer_v.astype(dtype)
+                ck, cv = write_cache(ck, k, i, offset), write_cache(cv, v, i, offset)
+                k, v = ck[i].astype(dtype), cv[i].astype(dtype)
             h = h + attention(q, k, v, mask) @ p["o_proj"].astype(dtype)
             m = rms_norm(h, p["post_norm"], cfg.rms_norm_eps)
             gated = jax.nn.silu(m @ p["gate_proj"].astype(dtype)) * (m @ p["up_proj"].astype(dtype))

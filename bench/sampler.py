@@ -1,0 +1,215 @@
+"""Sampler throughput: our jitted generate vs transformers' generate, on one random Qwen2 model.
+
+Builds a random Qwen2 checkpoint with transformers (default: 4 layers, hidden 256, fp32), runs
+greedy generation of `--new-tokens` for `--batch` random prompts of `--prompt-len` tokens (no EOS,
+so every row decodes every step) and prints ONE JSON line. Both sides are timed end to end
+(prefill + decode) after a warm-up call with the same shapes, alternating ours and the peer so
+both see the same background load; the figure is the best of `--repeats` calls (medians are
+reported too). `--preset qwen2.5-0.5b` uses Qwen2.5-0.5B shapes in bf16 and adds the HBM
+roofline of a decode step (weights + KV cache read at the mean cache length).
+
+    python bench/sampler.py                      # CPU default
+    python bench/sampler.py --preset qwen2.5-0.5b --hbm-gbps 3350 --no-peer
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PRESETS = {
+    "qwen2.5-0.5b": dict(layers=24, hidden=896, heads=14, kv_heads=2, intermediate=4864,
+                         vocab=151936, tied=True, dtype="bfloat16"),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--intermediate", type=int, default=688)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--tied", action="store_true", help="tie input and output embeddings")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="model shapes (random weights); overrides the shape flags and --dtype")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per side (best is kept)")
+    p.add_argument("--no-peer", action="store_true", help="skip transformers' generate")
+    p.add_argument("--hbm-gbps", type=float, default=None,
+                   help="memory bandwidth (GB/s) for the decode roofline; omitted if not given")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.preset:
+        for k, v in PRESETS[args.preset].items():
+            setattr(args, k, v)
+    return args
+
+
+def build_checkpoint(args: argparse.Namespace, path: Path) -> None:
+    """A random Qwen2 checkpoint (weights normal(0.02), like HF's init) saved as safetensors."""
+    import torch
+    import transformers
+
+    torch.manual_seed(args.seed)
+    cfg = transformers.Qwen2Config(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads, tie_word_embeddings=args.tied,
+        max_position_embeddings=max(32768, args.prompt_len + args.new_tokens),
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    model = transformers.Qwen2ForCausalLM(cfg).to(getattr(torch, args.dtype))
+    model.save_pretrained(path, safe_serialization=True)
+
+
+def usable_cpus() -> int:
+    """Cores this process may run on (respects taskset / cgroup affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def ours_call(args: argparse.Namespace, path: Path, prompts: list[list[int]]) -> Callable[[], list]:
+    """Loads the checkpoint with our loader; returns a greedy generate call (token lists)."""
+    import jax.numpy as jnp
+
+    from memagent_jax import models, sampler
+
+    model = models.from_pretrained(path, dtype=getattr(jnp, args.dtype))
+    state = sampler.decode_state(model, None)
+    return lambda: sampler.generate(model, prompts, max_new_tokens=args.new_tokens, temperature=0.0,
+                                    state=state, max_prompt_len=args.prompt_len).tokens
+
+
+def hf_call(args: argparse.Namespace, path: Path, prompts: list[list[int]]) -> Callable[[], list]:
+    """The same with transformers' generate (KV cache, exactly N tokens): on CUDA when JAX runs
+    on a GPU, else torch CPU with one thread per usable core."""
+    import jax
+    import torch
+    import transformers
+
+    device = "cuda" if jax.devices()[0].platform == "gpu" and torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(usable_cpus())
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, args.dtype)).eval().to(device)
+    ids = torch.tensor(prompts, dtype=torch.long, device=device)
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, use_cache=True,
+              max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+              eos_token_id=None, pad_token_id=0)
+
+    def call() -> list:
+        with torch.inference_mode():
+            return model.generate(ids, **kw)[:, ids.shape[1]:].tolist()
+
+    return call
+
+
+def time_interleaved(calls: dict[str, Callable[[], list]], repeats: int
+                     ) -> tuple[dict[str, list[float]], dict[str, list]]:
+    """One warm-up call each (compiles), then `repeats` rounds calling each side in turn, so both
+    see the same background load; returns wall times per side and each side's last output."""
+    outputs = {name: fn() for name, fn in calls.items()}
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            outputs[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+    return times, outputs
+
+
+def roofline(args: argparse.Namespace, ours_tps: float) -> dict:
+    """Bytes one decode step must read (all weights + K/V at the mean cache length).
+
+    Also reports the K/V bytes our sampler actually reads per step: its attention masks a cache
+    of the bucketed length (prompt bucket + new-token bucket) instead of slicing it.
+    """
+    from memagent_jax import sampler
+    from memagent_jax.models import ModelConfig, count_params
+
+    cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden,
+                      intermediate_size=args.intermediate, num_layers=args.layers,
+                      num_heads=args.heads, num_kv_heads=args.kv_heads,
+                      tie_word_embeddings=args.tied)
+    itemsize = 2 if args.dtype == "bfloat16" else 4
+    weight_bytes = count_params(cfg) * itemsize
+    mean_len = args.prompt_len + (args.new_tokens + 1) / 2
+    kv_per_slot = 2 * cfg.num_layers * args.batch * cfg.num_kv_heads * cfg.head_dim * itemsize
+    kv_bytes = kv_per_slot * mean_len
+    cache_len = sampler.bucket(args.prompt_len) + sampler._pow2_bucket(args.new_tokens, 16)
+    out = {"weight_bytes_per_step": weight_bytes, "kv_bytes_per_step": int(kv_bytes),
+           "bytes_per_step": int(weight_bytes + kv_bytes), "mean_cache_len": mean_len,
+           "sampler_cache_len": cache_len,
+           "sampler_kv_bytes_per_step": int(kv_per_slot * cache_len)}
+    if args.hbm_gbps:
+        steps_per_s = args.hbm_gbps * 1e9 / (weight_bytes + kv_bytes)
+        out["hbm_gbps"] = args.hbm_gbps
+        out["roofline_tokens_per_s"] = steps_per_s * args.batch
+        out["roofline_fraction"] = ours_tps / out["roofline_tokens_per_s"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    import jax
+    import numpy as np
+
+    rng = np.random.default_rng(args.seed)
+    prompts = rng.integers(0, args.vocab, size=(args.batch, args.prompt_len)).tolist()
+    new = args.batch * args.new_tokens
+    with tempfile.TemporaryDirectory() as tmp:
+        build_checkpoint(args, Path(tmp))
+        calls = {"ours": ours_call(args, Path(tmp), prompts)}
+        if not args.no_peer:
+            calls["hf"] = hf_call(args, Path(tmp), prompts)
+        times, outputs = time_interleaved(calls, args.repeats)
+    assert all(len(t) == args.new_tokens for t in outputs["ours"])
+    ours_s = min(times["ours"])
+    result = {
+        "bench": "sampler", "device": jax.devices()[0].device_kind,
+        "platform": jax.devices()[0].platform, "num_devices": jax.device_count(),
+        "cpu_count": usable_cpus(),
+        "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+        "dtype": args.dtype, "preset": args.preset,
+        "model": dict(layers=args.layers, hidden=args.hidden, heads=args.heads,
+                      kv_heads=args.kv_heads, intermediate=args.intermediate, vocab=args.vocab,
+                      tied=args.tied),
+        "timing": f"best of {args.repeats} interleaved calls after a warm-up; prefill + decode",
+        "ours_seconds": ours_s, "ours_median_seconds": statistics.median(times["ours"]),
+        "ours_tokens_per_s": new / ours_s,
+    }
+    if "hf" in times:
+        import torch
+
+        hf_s = min(times["hf"])
+        result.update(hf_generate_seconds=hf_s,
+                      hf_generate_median_seconds=statistics.median(times["hf"]),
+                      hf_generate_tokens_per_s=new / hf_s, ratio=hf_s / ours_s,
+                      tokens_match=outputs["ours"][0] == outputs["hf"][0],
+                      torch_version=torch.__version__)
+    if args.preset:
+        result["roofline"] = roofline(args, result["ours_tokens_per_s"])
+    result.update(jax_version=jax.__version__,
+                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
