@@ -1,0 +1,166 @@
+"""Tokens/s of the jitted DAPO train step vs a PyTorch eager forward + backward + AdamW step of the
+same tiny HF model, measured in the same run. Prints one JSON line.
+
+Both sides do the same work per step on the same [batch, seq] tokens: a full forward, per-token
+log-probs of the targets (fp32 log-softmax), the on-policy DAPO policy-gradient loss (ratio 1, so
+the loss gradient equals -A * grad logp on response tokens; token-mean), backward, gradient
+clipping, and one AdamW update. Ours runs `micro_batch_grads` + the donated optimizer step.
+
+With --preset qwen2.5-0.5b (random weights, bf16) and --peak-tflops, it also reports model FLOPs
+utilisation: 6 * params * tokens (+ attention) per step / time / peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from memagent_jax import models  # noqa: E402
+from memagent_jax.rl.train_step import (  # noqa: E402
+    LossSettings,
+    init_train_state,
+    make_apply_update,
+    make_optimizer,
+    micro_batch_grads,
+)
+
+PRESETS = {
+    "tiny": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=688, vocab_size=4096, tie_word_embeddings=False),
+    "qwen2.5-0.5b": dict(num_hidden_layers=24, hidden_size=896, num_attention_heads=14,
+                         num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
+                         tie_word_embeddings=True),
+}
+
+
+def _hf_checkpoint(preset: str, path: Path, dtype: str) -> None:
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(**PRESETS[preset], max_position_embeddings=4096, rope_theta=1e6)
+    model = transformers.Qwen2ForCausalLM(cfg)
+    if dtype == "bfloat16":
+        model = model.to(torch.bfloat16)
+    model.save_pretrained(path, safe_serialization=True)
+
+
+def _best(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def bench_ours(path: Path, tokens: np.ndarray, mask: np.ndarray, adv: np.ndarray, dtype: str,
+               repeats: int, remat: str) -> float:
+    model = models.from_pretrained(path, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32,
+                                   remat=remat)
+    tx = make_optimizer(1e-5, 1, 1, weight_decay=0.01, grad_clip=1.0)
+    graphdef, state = init_train_state(model, tx)
+    apply = make_apply_update(tx)
+    batch = {"tokens": jnp.asarray(tokens), "mask": jnp.asarray(mask),
+             "advantages": jnp.asarray(adv), "sampler_logp": jnp.zeros(tokens.shape, jnp.float32)}
+    den = jnp.float32(mask.sum())
+    settings = LossSettings(logprob_chunk=512)
+    holder = {"state": state}
+
+    def step() -> None:
+        grads, _ = micro_batch_grads(graphdef, holder["state"].params, batch, den, settings)
+        holder["state"], norm, _ = apply(holder["state"], grads)
+        jax.block_until_ready(norm)
+
+    step()  # compile
+    return _best(step, repeats)
+
+
+def bench_torch(path: Path, tokens: np.ndarray, mask: np.ndarray, adv: np.ndarray, dtype: str,
+                repeats: int) -> float:
+    import torch
+    import transformers
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32,
+        attn_implementation="sdpa")
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
+    ids = torch.tensor(tokens, dtype=torch.long)
+    m = torch.tensor(mask[:, 1:])
+    a = torch.tensor(adv[:, 1:])
+
+    def step() -> None:
+        logits = model(ids).logits[:, :-1].float()
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+        loss = -(a * logp * m).sum() / m.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    step()  # warm-up
+    return _best(step, repeats)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--remat", default="none")
+    p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (e.g. 989 for H100 bf16)")
+    args = p.parse_args()
+
+    rng = np.random.default_rng(0)
+    vocab = PRESETS[args.preset]["vocab_size"]
+    tokens = rng.integers(0, vocab, (args.batch, args.seq)).astype(np.int32)
+    mask = np.zeros((args.batch, args.seq), np.float32)
+    mask[:, args.seq // 2:] = 1.0  # second half = response tokens
+    adv = (rng.normal(size=(args.batch, 1)) * mask).astype(np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp)
+        _hf_checkpoint(args.preset, path, args.dtype)
+        ours = bench_ours(path, tokens, mask, adv, args.dtype, args.repeats, args.remat)
+        peer = None if args.no_peer else bench_torch(path, tokens, mask, adv, args.dtype, args.repeats)
+    n_tokens = args.batch * args.seq
+    cfg = PRESETS[args.preset]
+    n_params = models.count_params(models.ModelConfig.from_hf_dict(
+        {**cfg, "architectures": ["Qwen2ForCausalLM"]}))
+    attn = 12 * cfg["num_hidden_layers"] * cfg["hidden_size"] * args.seq  # per token, fwd+bwd
+    flops = (6 * n_params + attn) * n_tokens
+    out = {
+        "bench": "train_step", "preset": args.preset, "dtype": args.dtype,
+        "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
+        "batch": args.batch, "seq": args.seq, "params": n_params,
+        "ours_tokens_per_s": round(n_tokens / ours, 1),
+        "torch_eager_tokens_per_s": None if peer is None else round(n_tokens / peer, 1),
+        "ratio": None if peer is None else round(peer / ours, 3),
+        "ours_step_s": round(ours, 4), "torch_step_s": None if peer is None else round(peer, 4),
+        "model_tflops_per_s": round(flops / ours / 1e12, 3),
+        "mfu": round(flops / ours / 1e12 / args.peak_tflops, 4) if args.peak_tflops else None,
+        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "jax": jax.__version__, "date": datetime.date.today().isoformat(),
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""The embedded default end to end (configs/micro.yaml: every stage, tiny everything), plus the
+needle_kv documents and the warm start's teacher transcripts it is built on."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from memagent_jax.agent.memory import make_policy
+from memagent_jax.agent.prompts import PromptBuilder, PromptTemplates
+from memagent_jax.data import needle_kv as nk
+from memagent_jax.demo import STAGES, load_demo_config, run_demo
+
+MICRO = "micro"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from memagent_jax.tokenizer import train_sentencepiece
+
+    return train_sentencepiece(nk.tokenizer_corpus(), tmp_path_factory.mktemp("tok"), 1024)
+
+
+def test_needle_documents_have_exact_chunks_and_held_out_keys(tokenizer):
+    assert not set(nk.split_keys("train")) & set(nk.split_keys("eval"))
+    assert not set(nk.split_values("train")) & set(nk.split_values("eval"))
+    for split, chunks in (("train", 1), ("train", 3), ("eval", 7)):
+        spec = nk.NeedleSpec(chunk_size=48, num_chunks=chunks, split=split)
+        for s in nk.generate(spec, tokenizer, 12, seed=1):
+            ids = tokenizer.encode(s["context"])
+            assert -(-len(ids) // 48) == chunks == s["num_chunks"]
+            target = nk.needle_text(s["key"], s["value"])
+            holding = [c for c in range(chunks) if target in tokenizer.decode(ids[48 * c:48 * c + 48])]
+            assert holding == [s["needle_chunk"]]  # whole, in exactly one chunk
+            assert s["key"] in nk.split_keys(split) and s["value"] in nk.split_values(split)
+            assert s["answers"] == [s["value"]] and s["question"] == nk.question_text(s["key"])
+            assert 1 <= len(s["distractor_keys"]) <= 3 and s["key"] not in s["distractor_keys"]
+    a = nk.generate(nk.NeedleSpec(48, 2), tokenizer, 3, seed=5)
+    assert a == nk.generate(nk.NeedleSpec(48, 2), tokenizer, 3, seed=5)  # deterministic
+
+
+def test_teacher_transcripts_follow_the_rollout_prompts(tokenizer):
+    from memagent_jax.rl.sft import teacher_transcripts
+
+    spec = nk.NeedleSpec(chunk_size=48, num_chunks=3)
+    samples = nk.generate(spec, tokenizer, 4, seed=2)
+    policy = make_policy("overwrite", chunk_size=48, max_chunks=3, max_memory_tokens=24)
+    builder = PromptBuilder(tokenizer, PromptTemplates())
+    convs = teacher_transcripts(samples, policy=policy, builder=builder, tokenizer=tokenizer,
+                                teacher=nk.NeedleTeacher())
+    assert len(convs) == 4 * (3 + 1)
+    for i, s in enumerate(samples):
+        turns = convs[4 * i:4 * i + 4]
+        fact = nk.fact_text(s["value"])
+        for k, (prompt, reply, kind) in enumerate(turns[:3]):
+            assert reply[-1] == tokenizer.eos_id
+            want = fact if k >= s["needle_chunk"] else "No previous memory"
+            assert tokenizer.decode(reply) == want
+            assert kind == ("write" if k == s["needle_chunk"] else "keep")
+        prompt, reply, kind = turns[3]
+        assert kind == "final"
+        assert tokenizer.decode(reply) == "\\boxed{" + s["value"] + "}"
+        assert prompt == builder.final_prompt(tokenizer.encode(s["question"]), tokenizer.encode(fact))
+
+
+def test_sft_lowers_the_response_loss(tokenizer):
+    from memagent_jax.models import ModelConfig, init_model
+    from memagent_jax.rl.sft import SFTSettings, train_sft
+
+    examples = [(tokenizer.encode("Question: red?"), tokenizer.encode("blue") + [tokenizer.eos_id])] * 4
+    model = init_model(ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                                   num_layers=1, num_heads=2, num_kv_heads=1, tie_word_embeddings=True))
+    _, history = train_sft(model, examples, SFTSettings(steps=20, batch_size=4, lr=1e-2, warmup_steps=2))
+    assert history[-1]["loss"] < 0.25 * history[0]["loss"]
+
+
+def test_demo_config_splits_demo_overrides():
+    cfg, demo = load_demo_config(MICRO, ["demo.sft_steps=7", "rl.train_batch_size=2", "optim.lr=0.5"])
+    assert demo.sft_steps == 7 and cfg.optim.lr == 0.5 and cfg.rl.train_batch_size == 2
+    with pytest.raises(KeyError, match="demo.nope"):
+        load_demo_config(MICRO, ["demo.nope=1"])
+
+
+def test_demo_end_to_end_then_resume(tmp_path):
+    from memagent_jax import models
+    from memagent_jax.tokenizer import load_tokenizer
+
+    out = tmp_path / "demo"
+    result = run_demo(out_dir=out, fresh=True, config=MICRO)
+    assert result["stages"] == {s: "ran" for s in STAGES}
+
+    for f in ("tokenizer/tokenizer.model", "data/sft.jsonl", "data/rl.jsonl", "data/eval_1x.jsonl",
+              "data/eval_2x.jsonl", "sft/hf/config.json", "sft/metrics.jsonl", "rl/metrics.jsonl",
+              "eval/results.json", "hf/config.json", "hf/model.safetensors", "report.md", "summary.json"):
+        assert (out / f).is_file(), f
+    assert any((out / "rl" / "checkpoints").iterdir())
+    for png in ("training_curves.png", "accuracy_vs_length.png", "seconds_per_chunk.png"):
+        data = (out / png).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 1000, png
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["accuracy"]) == {"rl", "warm_start", "no_document"}
+    for by_len in summary["accuracy"].values():
+        assert set(by_len) == {"1x", "2x"} and all(0.0 <= v <= 1.0 for v in by_len.values())
+    assert summary["train_length_chunks"] == 2 and summary["chunk_size"] == 48
+    assert set(STAGES) | {"total"} == set(summary["wall_time_s"])
+    assert summary["machine"] and summary["date"]
+    assert len([json.loads(ln) for ln in (out / "rl" / "metrics.jsonl").read_text().splitlines()]) == 2
+
+    report = (out / "report.md").read_text()
+    assert "| policy | 1x (2 chunks) | 2x (4 chunks) |" in report
+    for label in ("RL (DAPO)", "warm start (SFT)", "no document"):
+        assert f"| {label} |" in report
+
+    model = models.from_pretrained(out / "hf")  # the exported RL policy serves from its folder
+    tok = load_tokenizer(out / "hf")
+    logits = np.asarray(model(np.array([tok.encode("What is the secret code of red-fox?")], np.int32)))
+    assert logits.shape[-1] == model.config.vocab_size and np.isfinite(logits).all()
+
+    again = run_demo(out_dir=out, config=MICRO)  # everything done: every stage skips
+    assert again["stages"] == {s: "skipped" for s in STAGES}
+    (out / "eval" / "done.json").unlink()  # a lost stage re-runs, and so does everything after it
+    partial = run_demo(out_dir=out, config=MICRO)
+    assert partial["stages"] == {**{s: "skipped" for s in STAGES[:4]}, "eval": "ran", "report": "ran"}
