@@ -25,8 +25,9 @@ def init_distributed(cfg: Config) -> None:
     d = cfg.distributed
     if d.num_processes <= 1 and not d.coordinator_address and not d.auto:
         return
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Must not touch the backend (jax.default_backend() would initialise it, and initialize()
+    # then refuses). The CPU collectives setting only affects the CPU client: harmless elsewhere.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if d.auto:
         jax.distributed.initialize()
     else:

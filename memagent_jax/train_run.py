@@ -51,8 +51,8 @@ def export_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
     from memagent_jax.tokenizer import save_tokenizer
 
     out = Path(out_dir)
+    save_pretrained(model, out)  # collective in a multi-process job; process 0 writes
     if jax.process_index() == 0:
-        save_pretrained(model, out)
         save_tokenizer(tokenizer, out)
     return out
 

@@ -130,3 +130,24 @@ def test_tpu_pod(tmp_path):
     assert _run(["bash", script, "delete"], env).returncode == 0
     assert log.read_text().splitlines()[-1] == "compute tpus tpu-vm delete pod1 --quiet --zone z1 --project proj"
     assert _run(["bash", script, "bogus"], env).returncode == 2
+
+
+@pytest.mark.slow
+def test_local_multihost_runs_the_tiny_rl_stage(tmp_path):
+    """launch/local_multihost.sh continues the embedded default's RL stage (the micro config's
+    `rl/train_config.yaml`) as 2 processes x 4 CPU devices: trains, checkpoints, exports."""
+    import json
+
+    from memagent_jax.demo import run_demo
+
+    run_demo(out_dir=tmp_path / "demo", fresh=True, config="micro")
+    out, logs = tmp_path / "multihost", tmp_path / "logs"
+    result = _run(["bash", str(ROOT / "launch" / "local_multihost.sh"), "-n", "2", "-d", "4",
+                   "-p", "12391", "-l", str(logs), str(tmp_path / "demo" / "rl" / "train_config.yaml"),
+                   f"trainer.out_dir={out}", "trainer.total_steps=2", "trainer.progress=false"],
+                  {"PYTHON": sys.executable}, timeout=600)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "all 2 processes finished" in result.stdout
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # written once (process 0), not once per process
+    assert (out / "hf" / "model.safetensors").is_file() and (out / "checkpoints" / "2").is_dir()

@@ -192,19 +192,25 @@ def from_pretrained(
 def save_pretrained(model: Decoder, out_dir: str | Path, *, max_shard_bytes: int = 4 * 2**30) -> Path:
     """Writes an HF directory (config.json + safetensors, sharded above `max_shard_bytes`).
 
-    Weights keep their dtype (bf16 stays bf16). Returns the directory path.
+    Weights keep their dtype (bf16 stays bf16). Returns the directory path. In a multi-process
+    job every process must call it (each weight is all-gathered, one at a time); only process 0
+    writes.
     """
+    from memagent_jax.distributed import to_host
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     config: ModelConfig = model.config
     _, state = nnx.split(model)
     values = {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(state)}
     tensors: dict[str, np.ndarray] = {}
     for ours, (keys, transpose) in _hf_keys(config).items():
-        full = np.asarray(jax.device_get(values[ours]))  # gathers one weight at a time
+        full = to_host(values[ours])  # gathers one weight at a time
         for i, key in enumerate(keys):
             arr = full[i] if ours.startswith("layers/") else full
             tensors[key] = np.ascontiguousarray(arr.T if transpose else arr)
+    if jax.process_index() != 0:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for key in sorted(tensors):
