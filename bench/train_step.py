@@ -8,6 +8,10 @@ clipping, and one AdamW update. Ours runs `micro_batch_grads` + the donated opti
 
 With --preset qwen2.5-0.5b (random weights, bf16) and --peak-tflops, it also reports model FLOPs
 utilisation: 6 * params * tokens (+ attention) per step / time / peak.
+
+On a GPU the torch peer runs on CUDA, first (its memory is released before JAX allocates), and
+`--attn cudnn` swaps the model's materialised attention for cuDNN flash attention in the training
+forward (bench-only monkeypatch of `transformer.attention`; decode/prefill keep the original).
 """
 
 from __future__ import annotations
@@ -21,14 +25,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from memagent_jax import models  # noqa: E402
+from memagent_jax.models import transformer  # noqa: E402
+from memagent_jax.rl.logprobs import token_logprobs  # noqa: E402
 from memagent_jax.rl.train_step import (  # noqa: E402
     LossSettings,
     init_train_state,
@@ -67,17 +75,40 @@ def _best(fn, repeats: int) -> float:
     return min(times)
 
 
+def use_attention(kind: str) -> None:
+    """`xla`: the model's own attention. `cudnn` / `dpa-xla`: jax.nn.dot_product_attention (causal,
+    GQA) with that implementation wherever queries and keys have the same length (the training
+    forward); other calls (cache attention) keep the original."""
+    if kind == "xla":
+        return
+    original = transformer.attention
+    impl = {"cudnn": "cudnn", "dpa-xla": "xla"}[kind]
+
+    def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+        if q.shape[1] != k.shape[1]:
+            return original(q, k, v, mask)
+        B, T, H, hd = q.shape
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+        return out.reshape(B, T, H * hd)
+
+    transformer.attention = attention
+
+
 def bench_ours(path: Path, tokens: np.ndarray, mask: np.ndarray, adv: np.ndarray, dtype: str,
-               repeats: int, remat: str) -> float:
+               repeats: int, remat: str, logprob_chunk: int = 512, breakdown: bool = False
+               ) -> tuple[float, dict]:
     model = models.from_pretrained(path, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32,
                                    remat=remat)
     tx = make_optimizer(1e-5, 1, 1, weight_decay=0.01, grad_clip=1.0)
-    graphdef, state = init_train_state(model, tx)
+    # with the weights' 1-device mesh, so the scalars' shardings match the update's outputs
+    # (without it the update compiles twice: once more at the first timed step)
+    mesh = jax.tree.leaves(nnx.state(model, nnx.Param))[0].sharding.mesh
+    graphdef, state = init_train_state(model, tx, mesh)
     apply = make_apply_update(tx)
     batch = {"tokens": jnp.asarray(tokens), "mask": jnp.asarray(mask),
              "advantages": jnp.asarray(adv), "sampler_logp": jnp.zeros(tokens.shape, jnp.float32)}
     den = jnp.float32(mask.sum())
-    settings = LossSettings(logprob_chunk=512)
+    settings = LossSettings(logprob_chunk=logprob_chunk)
     holder = {"state": state}
 
     def step() -> None:
@@ -86,7 +117,48 @@ def bench_ours(path: Path, tokens: np.ndarray, mask: np.ndarray, adv: np.ndarray
         jax.block_until_ready(norm)
 
     step()  # compile
-    return _best(step, repeats)
+    best = _best(step, repeats)
+    parts: dict = {}
+    if breakdown:  # where the step's time goes (each piece jitted and timed alone)
+        params = holder["state"].params
+        grads, _ = micro_batch_grads(graphdef, params, batch, den, settings)
+        parts["grads_s"] = _timed(lambda: micro_batch_grads(graphdef, holder["state"].params,
+                                                            batch, den, settings), repeats)
+
+        def upd() -> Any:
+            holder["state"], norm, _ = apply(holder["state"], grads)
+            return norm
+        parts["update_s"] = _timed(upd, repeats)
+        toks = batch["tokens"]
+
+        @jax.jit
+        def fwd_hidden(params: Any) -> jax.Array:
+            h, _ = nnx.merge(graphdef, params).hidden_states(toks)
+            return h.astype(jnp.float32).sum()
+
+        @jax.jit
+        def grad_hidden(params: Any) -> Any:  # backbone fwd + bwd, no lm head / log-softmax
+            return jax.grad(lambda p: (nnx.merge(graphdef, p).hidden_states(toks)[0]
+                                       .astype(jnp.float32) ** 2).mean())(params)
+
+        @jax.jit
+        def fwd_logp(params: Any) -> jax.Array:
+            lp, ent = token_logprobs(nnx.merge(graphdef, params), toks, chunk=logprob_chunk,
+                                     with_entropy=True)
+            return lp.sum() + ent.sum()
+
+        p_now = lambda: holder["state"].params  # noqa: E731
+        parts["fwd_hidden_s"] = _timed(lambda: fwd_hidden(p_now()), repeats)
+        parts["fwd_bwd_hidden_s"] = _timed(lambda: grad_hidden(p_now()), repeats)
+        parts["fwd_logp_entropy_s"] = _timed(lambda: fwd_logp(p_now()), repeats)
+        parts = {k: round(v, 4) for k, v in parts.items()}
+    return best, parts
+
+
+def _timed(fn: Any, repeats: int) -> float:
+    """Best wall time of fn() (blocked on its result) after one warm-up call."""
+    jax.block_until_ready(fn())
+    return _best(lambda: jax.block_until_ready(fn()), repeats)
 
 
 def bench_torch(path: Path, tokens: np.ndarray, mask: np.ndarray, adv: np.ndarray, dtype: str,
@@ -95,14 +167,15 @@ def bench_torch(path: Path, tokens: np.ndarray, mask: np.ndarray, adv: np.ndarra
     import transformers
 
     torch.set_num_threads(os.cpu_count() or 1)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32,
-        attn_implementation="sdpa")
+        attn_implementation="sdpa").to(device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
-    ids = torch.tensor(tokens, dtype=torch.long)
-    m = torch.tensor(mask[:, 1:])
-    a = torch.tensor(adv[:, 1:])
+    ids = torch.tensor(tokens, dtype=torch.long, device=device)
+    m = torch.tensor(mask[:, 1:], device=device)
+    a = torch.tensor(adv[:, 1:], device=device)
 
     def step() -> None:
         logits = model(ids).logits[:, :-1].float()
@@ -112,9 +185,17 @@ def bench_torch(path: Path, tokens: np.ndarray, mask: np.ndarray, adv: np.ndarra
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     step()  # warm-up
-    return _best(step, repeats)
+    best = _best(step, repeats)
+    if device == "cuda":  # hand the memory back before JAX allocates its pool
+        del model, opt
+        import gc
+        gc.collect()
+        torch.cuda.empty_cache()
+    return best
 
 
 def main() -> None:
@@ -125,6 +206,11 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--remat", default="none")
+    p.add_argument("--attn", default="xla", choices=["xla", "cudnn", "dpa-xla"],
+                   help="training attention: the model's own (xla) or jax.nn.dot_product_attention")
+    p.add_argument("--logprob-chunk", type=int, default=512)
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time the step's pieces (grads, update, backbone fwd / fwd+bwd, logp fwd)")
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (e.g. 989 for H100 bf16)")
     args = p.parse_args()
@@ -138,8 +224,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp)
         _hf_checkpoint(args.preset, path, args.dtype)
-        ours = bench_ours(path, tokens, mask, adv, args.dtype, args.repeats, args.remat)
+        # the peer first: torch releases its CUDA memory before JAX reserves its pool
         peer = None if args.no_peer else bench_torch(path, tokens, mask, adv, args.dtype, args.repeats)
+        use_attention(args.attn)
+        ours, parts = bench_ours(path, tokens, mask, adv, args.dtype, args.repeats, args.remat,
+                                 args.logprob_chunk, args.breakdown)
     n_tokens = args.batch * args.seq
     cfg = PRESETS[args.preset]
     n_params = models.count_params(models.ModelConfig.from_hf_dict(
@@ -150,12 +239,16 @@ def main() -> None:
         "bench": "train_step", "preset": args.preset, "dtype": args.dtype,
         "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
         "batch": args.batch, "seq": args.seq, "params": n_params,
+        "remat": args.remat, "attn": args.attn, "logprob_chunk": args.logprob_chunk,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "ours_tokens_per_s": round(n_tokens / ours, 1),
         "torch_eager_tokens_per_s": None if peer is None else round(n_tokens / peer, 1),
         "ratio": None if peer is None else round(peer / ours, 3),
         "ours_step_s": round(ours, 4), "torch_step_s": None if peer is None else round(peer, 4),
         "model_tflops_per_s": round(flops / ours / 1e12, 3),
         "mfu": round(flops / ours / 1e12 / args.peak_tflops, 4) if args.peak_tflops else None,
+        **({"breakdown": parts} if parts else {}),
+        "peak_gpu_bytes": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores",
         "jax": jax.__version__, "date": datetime.date.today().isoformat(),
     }
