@@ -181,6 +181,11 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         return from_dict(typ, value, prefix=key + ".")
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typ is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if typ in (int, float, str, bool) and not isinstance(value, typ):
         raise ValueError(f"config key {key!r} expects {typ.__name__}, got {value!r}")
     if typ is int and isinstance(value, bool):

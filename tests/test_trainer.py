@@ -44,6 +44,13 @@ def _stream(n_docs: int, seed0: int = 0):
         i += 1
 
 
+
+def test_config_overrides_parse_floats_without_a_dot_and_reject_junk():
+    cfg = load_config(None, ["optim.lr=1e-3", "rl.eps_high=2e-1", "rl.clip_c=3"])
+    assert cfg.optim.lr == 1e-3 and cfg.rl.eps_high == 0.2 and cfg.rl.clip_c == 3.0
+    with pytest.raises(ValueError, match="optim.lr"):
+        load_config(None, ["optim.lr=fast"])
+
 def test_token_mean_is_exact_under_uneven_micro_batches():
     model = tiny_model()
     graphdef, state = init_train_state(model, make_optimizer(1e-3, 1, 1))
