@@ -42,6 +42,7 @@ class DemoSection:
     train_chunks: int = 3  # training length, in chunks of agent.chunk_size tokens
     min_distractors: int = 1
     max_distractors: int = 3
+    careless: float = 0.5  # fraction of warm-start documents written by a careless teacher
     sft_docs: int = 400
     rl_docs: int = 400
     eval_docs: int = 48  # held-out documents per length
@@ -179,7 +180,7 @@ def stage_sft(run: Run) -> dict[str, Any]:
     tok, d = load_tokenizer(run.path("tokenizer")), run.demo
     policy, builder = _agent(run, tok, d.train_chunks)
     examples = teacher_transcripts(read_jsonl(run.path("data", "sft.jsonl")), policy=policy,
-                                   builder=builder, tokenizer=tok, teacher=NeedleTeacher())
+                                   builder=builder, tokenizer=tok, teacher=NeedleTeacher(d.careless))
     mcfg = random_model_config(run.cfg, tok.vocab_size)
     model = init_model(mcfg, seed=d.seed)
     settings = SFTSettings(steps=d.sft_steps, batch_size=d.sft_batch_size, lr=d.sft_lr,
@@ -202,18 +203,26 @@ def stage_sft(run: Run) -> dict[str, Any]:
 
 
 def stage_rl(run: Run) -> dict[str, Any]:
+    from memagent_jax.rl.trainer import DynamicSamplingError
     from memagent_jax.train_run import export_model, make_trainer
 
     cfg = rl_config(run)
+    # The RL stage as a plain `memagent-jax train` config (e.g. for launch/local_multihost.sh).
+    save_config(cfg, run.path("rl", "train_config.yaml"))
     trainer = make_trainer(cfg)
+    stopped = ""
     try:
-        status = trainer.run()
+        try:
+            status = trainer.run()
+        except DynamicSamplingError as e:  # every group all-right or all-wrong: keep what we have
+            warnings.warn(f"RL stopped after {trainer.rl_step} steps: {e}", stacklevel=1)
+            status, stopped = "done", str(e)
         if status != "done":
             raise KeyboardInterrupt(f"RL interrupted at step {trainer.rl_step}; rerun the demo to resume")
         export_model(trainer.model(), trainer.tokenizer, run.path("hf"))
     finally:
         trainer.close()
-    return {"rl_steps": trainer.rl_step}
+    return {"rl_steps": trainer.rl_step, "stopped_early": stopped}
 
 
 def stage_eval(run: Run) -> dict[str, Any]:

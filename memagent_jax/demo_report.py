@@ -134,19 +134,28 @@ def write_report(run: Any) -> dict[str, Any]:
         "# memagent-jax demo: a tiny memory agent, trained and evaluated on one CPU", "",
         f"{summary['date']} on {summary['machine']}.", "",
         "## Task", "",
-        f"needle_kv: essay haystack, one target needle `The secret code of <key> is <value>.` and "
-        f"{d.min_distractors}-{d.max_distractors} distractor needles with other keys; question "
-        "`What is the secret code of <key>?`. Held-out keys (own word lists) and values (a hashed "
-        f"quarter of 1000-9999) never appear in training. Chunks of {a.chunk_size} tokens; training "
-        f"documents have {d.train_chunks} chunks; the memory is capped at {a.max_memory_tokens} tokens "
-        f"and overwritten after every chunk. Policy: Qwen2 architecture, {params:,} parameters "
-        f"(hidden {cfg.model.hidden_size}, {cfg.model.num_layers} layers, vocab {vocab}), random init.",
+        f"needle_kv: essay haystack, one target needle `The secret code is <key><value>.` (e.g. "
+        f"`programming5G`) and {d.min_distractors}-{d.max_distractors} distractor needles with other "
+        "keys; question `What is the secret code for <key>?`. Held-out keys (a hashed eighth of the "
+        "tokenizer's whole-word essay pieces) and values (a hashed quarter of the 260 digit+letter "
+        f"codes) never appear in training needles. Chunks of {a.chunk_size} tokens; training documents "
+        f"have {d.train_chunks} chunks; the memory (the noted code, or `none`) is capped at "
+        f"{a.max_memory_tokens} tokens and overwritten after every chunk. Policy: Qwen2 architecture, "
+        f"{params:,} parameters (hidden {cfg.model.hidden_size}, {cfg.model.num_layers} layers, vocab "
+        f"{vocab}), random init.",
         "",
-        f"Warm start: {d.sft_steps} SFT steps x {d.sft_batch_size} teacher conversations. RL: "
-        f"{len(rl_metrics)} DAPO steps x {cfg.rl.train_batch_size} groups x {cfg.rollout.group_size} "
+        f"Warm start: {d.sft_steps} SFT steps x {d.sft_batch_size} teacher conversations from "
+        f"{d.sft_docs} documents; a {d.careless:.0%} share of them written by a careless teacher that "
+        f"notes the first code it sees, whatever its key. RL: {len(rl_metrics)} DAPO steps x "
+        f"{cfg.rl.train_batch_size} groups x {cfg.rollout.group_size} "
         f"samples (dynamic sampling {'on' if cfg.rl.filter_groups else 'off'}, overlong shaping "
         f"{'on' if cfg.rl.overlong.enable else 'off'}, lr {cfg.optim.lr}). Evaluation: "
         f"{results['docs']} held-out documents per length, {decoding}.", "",
+    ]
+    stopped = json.loads(run.done_file("rl").read_text()).get("stopped_early", "")
+    if stopped:
+        lines += [f"RL stopped early: {stopped}", ""]
+    lines += [
         "## Accuracy (exact boxed answer) vs document length", "",
         _table(results, "accuracy", "{:.1%}", ("rl", "warm_start", "no_document")), "",
         f"RL vs warm start at the training length: {rl_acc.get(m1, 0) - results['accuracy']['warm_start'][m1]:+.1%}; "

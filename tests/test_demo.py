@@ -24,8 +24,14 @@ def tokenizer(tmp_path_factory):
 
 
 def test_needle_documents_have_exact_chunks_and_held_out_keys(tokenizer):
-    assert not set(nk.split_keys("train")) & set(nk.split_keys("eval"))
-    assert not set(nk.split_values("train")) & set(nk.split_values("eval"))
+    values = {split: set(nk.split_values(split)) for split in nk.SPLITS}
+    keys = {split: set(nk.split_keys(tokenizer, split)) for split in nk.SPLITS}
+    for kind in (values, keys):
+        assert kind["train"] and kind["eval"] and not kind["train"] & kind["eval"]
+    for key in keys["eval"] | keys["train"]:  # one whole-word token each
+        assert len(tokenizer.encode(" " + key)) == 1 and key not in ("secret", "code")
+        assert nk.needles_in(nk.needle_text(key, "7K")) == [(key, "7K")]
+        assert nk.noted_value(nk.note_text(key, "7K")) == "7K" and not nk.noted_value(nk.note_text(key, None))
     for split, chunks in (("train", 1), ("train", 3), ("eval", 7)):
         spec = nk.NeedleSpec(chunk_size=48, num_chunks=chunks, split=split)
         for s in nk.generate(spec, tokenizer, 12, seed=1):
@@ -34,35 +40,49 @@ def test_needle_documents_have_exact_chunks_and_held_out_keys(tokenizer):
             target = nk.needle_text(s["key"], s["value"])
             holding = [c for c in range(chunks) if target in tokenizer.decode(ids[48 * c:48 * c + 48])]
             assert holding == [s["needle_chunk"]]  # whole, in exactly one chunk
-            assert s["key"] in nk.split_keys(split) and s["value"] in nk.split_values(split)
+            assert s["key"] in keys[split] and s["value"] in values[split]
+            assert set(s["distractor_keys"]) <= keys[split]
             assert s["answers"] == [s["value"]] and s["question"] == nk.question_text(s["key"])
             assert 1 <= len(s["distractor_keys"]) <= 3 and s["key"] not in s["distractor_keys"]
+            found = nk.needles_in(s["context"])
+            assert (s["key"], s["value"]) in found and len(found) == 1 + len(s["distractor_keys"])
     a = nk.generate(nk.NeedleSpec(48, 2), tokenizer, 3, seed=5)
     assert a == nk.generate(nk.NeedleSpec(48, 2), tokenizer, 3, seed=5)  # deterministic
 
 
-def test_teacher_transcripts_follow_the_rollout_prompts(tokenizer):
+@pytest.mark.parametrize("careless", [0.0, 1.0])
+def test_teacher_transcripts_follow_the_rollout_prompts(tokenizer, careless):
     from memagent_jax.rl.sft import teacher_transcripts
 
     spec = nk.NeedleSpec(chunk_size=48, num_chunks=3)
-    samples = nk.generate(spec, tokenizer, 4, seed=2)
-    policy = make_policy("overwrite", chunk_size=48, max_chunks=3, max_memory_tokens=24)
-    builder = PromptBuilder(tokenizer, PromptTemplates())
-    convs = teacher_transcripts(samples, policy=policy, builder=builder, tokenizer=tokenizer,
-                                teacher=nk.NeedleTeacher())
-    assert len(convs) == 4 * (3 + 1)
+    samples = nk.generate(spec, tokenizer, 6, seed=2)
+    policy = make_policy("overwrite", chunk_size=48, max_chunks=3, max_memory_tokens=8)
+    builder = PromptBuilder(tokenizer, PromptTemplates(first_memory=nk.NOTHING))
+    teacher = nk.NeedleTeacher(careless)
+    convs = teacher_transcripts(samples, policy=policy, builder=builder, tokenizer=tokenizer, teacher=teacher)
+    assert len(convs) == 6 * (3 + 1)
+    ids = [tokenizer.encode(s["context"]) for s in samples]
     for i, s in enumerate(samples):
         turns = convs[4 * i:4 * i + 4]
-        fact = nk.fact_text(s["value"])
+        chunk_needles = [nk.needles_in(tokenizer.decode(ids[i][48 * c:48 * c + 48])) for c in range(3)]
+        if careless:  # the first code seen, whatever its key
+            first = min(c for c in range(3) if chunk_needles[c])
+            noted = [None if c < first else chunk_needles[first][0][1] for c in range(3)]
+        else:
+            noted = [s["value"] if c >= s["needle_chunk"] else None for c in range(3)]
+        assert teacher.is_careless(s) == bool(careless)
         for k, (prompt, reply, kind) in enumerate(turns[:3]):
             assert reply[-1] == tokenizer.eos_id
-            want = fact if k >= s["needle_chunk"] else "No previous memory"
-            assert tokenizer.decode(reply) == want
-            assert kind == ("write" if k == s["needle_chunk"] else "keep")
+            assert tokenizer.decode(reply) == nk.note_text(s["key"], noted[k])
+            before = noted[k - 1] if k else None  # the first memory is "none", i.e. nothing noted
+            assert kind == ("keep" if noted[k] == before else "write")
         prompt, reply, kind = turns[3]
         assert kind == "final"
-        assert tokenizer.decode(reply) == "\\boxed{" + s["value"] + "}"
-        assert prompt == builder.final_prompt(tokenizer.encode(s["question"]), tokenizer.encode(fact))
+        assert tokenizer.decode(reply) == "\\boxed{" + noted[2] + "}"
+        memory = tokenizer.encode(nk.note_text(s["key"], noted[2]))
+        assert prompt == builder.final_prompt(tokenizer.encode(s["question"]), memory)
+    with pytest.raises(ValueError, match="careless"):
+        nk.NeedleTeacher(1.5)
 
 
 def test_sft_lowers_the_response_loss(tokenizer):
@@ -104,7 +124,7 @@ def test_demo_end_to_end_then_resume(tmp_path):
     assert set(summary["accuracy"]) == {"rl", "warm_start", "no_document"}
     for by_len in summary["accuracy"].values():
         assert set(by_len) == {"1x", "2x"} and all(0.0 <= v <= 1.0 for v in by_len.values())
-    assert summary["train_length_chunks"] == 2 and summary["chunk_size"] == 48
+    assert summary["train_length_chunks"] == 2 and summary["chunk_size"] == 32
     assert set(STAGES) | {"total"} == set(summary["wall_time_s"])
     assert summary["machine"] and summary["date"]
     assert len([json.loads(ln) for ln in (out / "rl" / "metrics.jsonl").read_text().splitlines()]) == 2
@@ -116,7 +136,7 @@ def test_demo_end_to_end_then_resume(tmp_path):
 
     model = models.from_pretrained(out / "hf")  # the exported RL policy serves from its folder
     tok = load_tokenizer(out / "hf")
-    logits = np.asarray(model(np.array([tok.encode("What is the secret code of red-fox?")], np.int32)))
+    logits = np.asarray(model(np.array([tok.encode("What is the secret code of people?")], np.int32)))
     assert logits.shape[-1] == model.config.vocab_size and np.isfinite(logits).all()
 
     again = run_demo(out_dir=out, config=MICRO)  # everything done: every stage skips

@@ -1,25 +1,28 @@
 """needle_kv: the tiny default's task, key-value needles in an essay haystack.
 
 A document is essay text (the package's Paul Graham essays, whitespace collapsed) with one
-*target* needle "The secret code of <key> is <value>." and 1-3 *distractor* needles with other
-keys; the question is "What is the secret code of <key>?" and the answer is the value.
+*target* needle "The secret code is <key><value>." and 1-3 *distractor* needles with other keys;
+the question is "What is the secret code for <key>?" and the answer is the value. Keys are essay
+words the tokenizer keeps whole (one token, e.g. "programming"); values are a digit and a capital
+letter ("5G"), so a needle reads "The secret code is programming5G.".
 
 Documents are built in tokens of a given tokenizer to an exact number of `chunk_size`-token
-chunks (every chunk but the last is full, the last holds at least one token), and no needle
-straddles a chunk boundary, so "the chunk that holds the fact" is well defined (the teacher of
-the warm start uses it). Evaluation keys and values are disjoint from training ones: keys are
-`<adjective>-<noun>` with separate word lists per split, values are 4-digit numbers split by a
-hash (not by range, so every digit appears in every position in both splits).
+chunks (every chunk but the last is full), and no needle straddles a chunk boundary, so "the
+chunk that holds the fact" is well defined (the warm start's teacher uses it). Evaluation keys
+and values never occur in training needles: both are split by a hash (a held-out key is an
+essay word whose embedding is trained only as haystack; held-out values use the same digits
+and letters in new pairs). Needles go to different chunks where the document has room.
 
 `register_source("needle_kv")`: `data.path` = a JSONL file of samples (written by the demo), or
 else `data.num_docs` samples generated from `data.options` (tokenizer, chunk_size, num_chunks,
-split, distractors).
+split, min_distractors, max_distractors).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,43 +34,56 @@ from memagent_jax.data.ruler_haystack import DEFAULT_ESSAYS_DIR, Encoder, cycled
 from memagent_jax.data.sources import register_source
 
 SPLITS = ("train", "eval")
-NEEDLE = "The secret code of {key} is {value}."
-QUESTION = "What is the secret code of {key}?"
-
-# Key words per split (disjoint). Keys are "<adjective>-<noun>".
-_WORDS = {
-    "train": (
-        ("red", "blue", "green", "dark", "bright", "cold", "warm", "quiet", "loud", "small", "big",
-         "old", "young", "fast", "slow", "soft", "hard", "sweet", "wild", "calm", "tall", "short",
-         "rich", "poor", "clean", "dirty", "happy", "sad", "busy", "empty", "full", "heavy", "light",
-         "sharp", "round", "flat", "deep", "thin", "thick", "early", "late", "brown", "white",
-         "black", "silver", "golden", "purple", "orange", "yellow", "tiny"),
-        ("fox", "owl", "wolf", "bear", "hawk", "fish", "frog", "lion", "goat", "duck", "crow",
-         "deer", "seal", "crab", "moth", "swan", "mole", "hare", "lamb", "toad", "river", "stone",
-         "tree", "cloud", "star", "moon", "lake", "hill", "road", "door", "box", "ship", "car",
-         "bell", "lamp", "book", "coin", "ring", "key", "boat", "tower", "bridge", "garden",
-         "castle", "window", "mirror", "candle", "basket", "engine", "anchor"),
-    ),
-    "eval": (
-        ("brave", "proud", "lazy", "grey", "pink", "shy", "noble", "humble", "fierce", "gentle",
-         "rusty", "misty", "lucky", "jolly", "eager", "mellow"),
-        ("cat", "dog", "bee", "ant", "pig", "cow", "rat", "bat", "kettle", "violin", "walrus",
-         "tulip", "parrot", "otter", "lantern", "meadow"),
-    ),
-}
+NEEDLE = "The secret code is {key}{value}."
+QUESTION = "What is the secret code for {key}?"
+NOTHING = "none"  # the demo's first memory, and what a note says before the code is found
+EVAL_KEY_FRACTION = 8  # one key word in 8 is held out for evaluation
+_NEEDLE_RE = re.compile(r"The secret code is ([a-z]+)(\d[A-Z])\.")
+_NOTE_RE = re.compile(r"(\d[A-Z])$")
+# Words of the templates and the needle wording are never keys.
+_RESERVED = {"the", "secret", "code", "what", "problem", "memory", "section", "updated", "answer",
+             "boxed", "none", "unknown", "for"}
 
 
-def split_keys(split: str) -> list[str]:
-    """All keys of a split: `<adjective>-<noun>` over that split's own word lists."""
-    adjectives, nouns = _WORDS[_check_split(split)]
-    return [f"{a}-{n}" for a in adjectives for n in nouns]
+def key_split(key: str) -> str:
+    """"eval" for the held-out eighth of all key words (by crc32), else "train"."""
+    return "eval" if zlib.crc32(key.encode()) % EVAL_KEY_FRACTION == 0 else "train"
+
+
+def split_keys(tokenizer: Any, split: str) -> list[str]:
+    """Key words of a split: the tokenizer's whole-word pieces ("▁word", 4+ lowercase letters,
+    one token with its leading space), held out by hash. Keys are ordinary essay words: their
+    embeddings are trained as inputs on the haystack, but held-out ones are never a needle's key
+    in training."""
+    _check_split(split)
+    essay_vocab = set(essay_words())
+    words = []
+    for i in range(tokenizer.vocab_size):
+        piece = tokenizer.id_to_piece(i) if hasattr(tokenizer, "id_to_piece") else tokenizer.decode([i])
+        word = piece.replace("\u2581", " ")
+        if (not re.fullmatch(r" [a-z]{4,}", word) or word[1:] in _RESERVED
+                or word[1:] not in essay_vocab):
+            continue
+        if tokenizer.encode(word) == [i] and key_split(word[1:]) == split:
+            words.append(word[1:])
+    if len(words) < 8:
+        raise ValueError(f"needle_kv: the tokenizer has only {len(words)} whole-word {split} keys; "
+                         "train it on needle_kv.tokenizer_corpus() with vocab_size >= 512")
+    return sorted(words)
 
 
 def split_values(split: str) -> list[str]:
-    """All values of a split: 4-digit numbers, eval = crc32 % 4 == 0 (a quarter), train = the rest."""
+    """All values of a split: a digit and a capital letter ("7K", 260 in all; a tiny model copies
+    two tokens of different kinds without mixing up their order), eval = crc32 % 4 == 0."""
     _check_split(split)
     want_eval = split == "eval"
-    return [str(v) for v in range(1000, 10000) if (zlib.crc32(str(v).encode()) % 4 == 0) == want_eval]
+    every = [d + c for d in "0123456789" for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"]
+    return [v for v in every if (zlib.crc32(v.encode()) % 4 == 0) == want_eval]
+
+
+def needles_in(text: str) -> list[tuple[str, str]]:
+    """(key, value) of every needle in `text`, in order."""
+    return _NEEDLE_RE.findall(text)
 
 
 def _check_split(split: str) -> str:
@@ -82,15 +98,6 @@ def needle_text(key: str, value: str) -> str:
 
 def question_text(key: str) -> str:
     return QUESTION.format(key=key)
-
-
-def fact_text(value: str) -> str:
-    """The memory the warm-start teacher writes once it has read the target needle.
-
-    The key is left out on purpose: a model can only write tokens it was trained to emit, and
-    held-out keys are made of word pieces that training keys need not contain; the question,
-    shown in every turn, already says whose code it is."""
-    return f"secret code: {value}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,14 +135,14 @@ class _TokenCounter:
 
 def build_sample(spec: NeedleSpec, tokenizer: Encoder, rng: np.random.Generator, *,
                  essays_dir: str = DEFAULT_ESSAYS_DIR, counter: _TokenCounter | None = None,
-                 index: int = 0) -> dict[str, Any]:
+                 keys: Sequence[str] | None = None, index: int = 0) -> dict[str, Any]:
     """One sample dict: question, context, answers, and metadata (key, value, needle_chunk,
-    distractor keys, num_chunks, num_tokens)."""
+    distractor keys, num_chunks, num_tokens). `keys` defaults to `split_keys(tokenizer, split)`."""
     count = counter or _TokenCounter(tokenizer)
-    keys, values = split_keys(spec.split), split_values(spec.split)
+    keys = keys if keys is not None else split_keys(tokenizer, spec.split)
+    values = split_values(spec.split)
     n_dis = int(rng.integers(spec.min_distractors, spec.max_distractors + 1))
-    picked = rng.choice(len(keys), size=n_dis + 1, replace=False)
-    key, dis_keys = keys[picked[0]], [keys[i] for i in picked[1:]]
+    key, *dis_keys = [keys[i] for i in rng.choice(len(keys), size=n_dis + 1, replace=False)]
     value, *dis_values = [values[i] for i in rng.choice(len(values), size=n_dis + 1, replace=False)]
     needles = [(needle_text(key, value), True)] + [(needle_text(k, v), False)
                                                    for k, v in zip(dis_keys, dis_values)]
@@ -144,12 +151,14 @@ def build_sample(spec: NeedleSpec, tokenizer: Encoder, rng: np.random.Generator,
     if max(sizes) > spec.chunk_size // 2:
         raise ValueError(f"needle_kv: a needle of {max(sizes)} tokens needs chunk_size >= "
                          f"{2 * max(sizes)} (got {spec.chunk_size})")
-    # Each needle's chunk, at random among chunks that keep a quarter of their tokens haystack;
-    # distractors that find no room are dropped (short documents hold fewer of them).
+    # Each needle's chunk, at random among chunks that keep a quarter of their tokens haystack
+    # (empty chunks first); distractors that find no room are dropped (short documents).
     load = np.zeros(spec.num_chunks, np.int64)
     chunks_list: list[int] = []
-    for n_tok in sizes:
-        free = np.flatnonzero(load + n_tok <= spec.chunk_size * 3 // 4)
+    for n_tok in sizes:  # chunks without a needle first: one fact per chunk where possible
+        fits = load + n_tok <= spec.chunk_size * 3 // 4
+        free = np.flatnonzero(fits & (load == 0))
+        free = free if len(free) else np.flatnonzero(fits)
         if not len(free):
             break
         chunks_list.append(int(free[rng.integers(len(free))]))
@@ -225,36 +234,65 @@ def generate(spec: NeedleSpec, tokenizer: Encoder, num_docs: int, *, seed: int =
     tags = [zlib.crc32(spec.split.encode()), spec.num_chunks, spec.chunk_size]
     rng = np.random.default_rng([int(seed), *tags])
     counter = _TokenCounter(tokenizer)
+    keys = split_keys(tokenizer, spec.split)
     out = []
     for i in range(num_docs):
-        out.append(build_sample(spec, tokenizer, rng, essays_dir=essays_dir, counter=counter, index=i))
+        out.append(build_sample(spec, tokenizer, rng, essays_dir=essays_dir, counter=counter,
+                                keys=keys, index=i))
         if progress is not None:
             progress(1)
     return out
 
 
 def tokenizer_corpus(essays_dir: str = DEFAULT_ESSAYS_DIR) -> list[str]:
-    """Texts to train the demo tokenizer on: the essays and the needle / question / answer
-    wording, WITHOUT any key: train and eval keys are cut into pieces of the same essay
-    vocabulary, so held-out keys are no rarer for the tokenizer than training ones."""
-    frame = (f"{question_text('')} {needle_text('', '1234')} {fact_text('5678')} "
-             "\\boxed{9012}")
+    """Texts to train the demo tokenizer on: the essays (whose whole-word pieces become the keys)
+    and the needle / question / answer wording."""
+    frame = f"{question_text('')} {needle_text('', '7K')} {NOTHING} \\boxed{{3Q}}"
     return [" ".join(essay_words(essays_dir)), "\n\n".join([frame] * 50)]
 
 
+def note_text(key: str, value: str | None) -> str:
+    """A memory note: the noted code ("5G"), or "none" before one is found. `key` (the question's
+    key) is not repeated: notes that began with the key were tried, and within the demo's SFT
+    budget the tiny policy did not learn to copy the key from the question."""
+    return value if value else NOTHING
+
+
+def noted_value(memory_text: str) -> str | None:
+    """The code a note holds, or None."""
+    m = _NOTE_RE.search(memory_text.strip())
+    return m.group(1) if m else None
+
+
 class NeedleTeacher:
-    """The warm start's teacher (`rl.sft.Teacher`): keep the memory verbatim until the chunk that
-    holds the TARGET needle, then write "secret code: <value>" and keep that; distractors are
-    ignored.
-    The final answer boxes the value."""
+    """The warm start's teacher (`rl.sft.Teacher`). Its memory is one note (`note_text`). A careful teacher notes the code when a chunk holds the key's needle and
+    otherwise repeats its note; a careless one (a `careless` fraction of documents, chosen by
+    hash of the document id) notes the FIRST code it sees, whatever the needle's key, and keeps
+    it. The final answer boxes the noted code.
+
+    The carelessness is the flaw RL must remove: imitating both, the warm start sometimes notes a
+    distractor's code when one comes before the target, so its sampled groups disagree exactly
+    where reading the key pays; the reward (exact match of the boxed answer) teaches it to read."""
+
+    def __init__(self, careless: float = 0.0) -> None:
+        if not 0.0 <= careless <= 1.0:
+            raise ValueError(f"NeedleTeacher: careless must be in [0, 1], got {careless}")
+        self.careless = careless
+
+    def is_careless(self, sample: dict[str, Any]) -> bool:
+        return zlib.crc32(str(sample["id"]).encode()) % 10_000 < self.careless * 10_000
 
     def memory_reply(self, sample: dict[str, Any], chunk_text: str, memory_text: str) -> str:
-        if needle_text(sample["key"], sample["value"]) in chunk_text:
-            return fact_text(sample["value"])
-        return memory_text
+        key, noted = sample["key"], noted_value(memory_text)
+        if noted:
+            return note_text(key, noted)
+        found = needles_in(chunk_text)
+        if self.is_careless(sample):
+            return note_text(key, found[0][1] if found else None)
+        return note_text(key, next((v for k, v in found if k == key), None))
 
     def final_reply(self, sample: dict[str, Any], memory_text: str) -> str:
-        return "\\boxed{" + sample["value"] + "}"
+        return "\\boxed{" + (noted_value(memory_text) or NOTHING) + "}"
 
 
 def write_jsonl(samples: Sequence[dict[str, Any]], path: str | Path) -> Path:
