@@ -5,7 +5,8 @@ unless an earlier stage ran in this invocation; `--fresh` deletes the run folder
 
   tokenizer  SentencePiece on the essays + training-split needles + the prompt templates
   data       needle_kv documents measured in those tokens: SFT and RL sets at the training
-             length, held-out sets (disjoint keys and values) at each evaluation multiple
+             length, held-out sets (disjoint keys and values) at each evaluation multiple, and
+             seen-key sets (training keys, held-out values, unseen documents)
   sft        teacher transcripts through the RL prompts -> short supervised warm start (rl/sft.py)
   rl         DAPO `Trainer` from the warm start (dynamic sampling, overlong shaping, orbax);
              resumes from its checkpoints; the final policy is exported to `<run>/hf`
@@ -131,11 +132,12 @@ def stage_tokenizer(run: Run) -> dict[str, Any]:
     return {"vocab_size": tok.vocab_size}
 
 
-def _spec(run: Run, chunks: int, split: str) -> Any:
+def _spec(run: Run, chunks: int, split: str, key_split: str = "") -> Any:
     from memagent_jax.data.needle_kv import NeedleSpec
 
     return NeedleSpec(chunk_size=run.cfg.agent.chunk_size, num_chunks=chunks, split=split,
-                      min_distractors=run.demo.min_distractors, max_distractors=run.demo.max_distractors)
+                      min_distractors=run.demo.min_distractors, max_distractors=run.demo.max_distractors,
+                      key_split=key_split)
 
 
 def stage_data(run: Run) -> dict[str, Any]:
@@ -146,6 +148,9 @@ def stage_data(run: Run) -> dict[str, Any]:
     jobs = [("sft", _spec(run, d.train_chunks, "train"), d.sft_docs, d.seed),
             ("rl", _spec(run, d.train_chunks, "train"), d.rl_docs, d.seed + 1)]
     jobs += [(f"eval_{m}x", _spec(run, d.train_chunks * m, "eval"), d.eval_docs, d.seed + 2)
+             for m in d.eval_multiples]
+    # Training keys with held-out codes, in unseen documents: what RL learns for the keys it saw.
+    jobs += [(f"seen_keys_{m}x", _spec(run, d.train_chunks * m, "eval", "train"), d.eval_docs, d.seed + 3)
              for m in d.eval_multiples]
     bar = _bar(run, sum(j[2] for j in jobs), "data: documents", "doc")
     counts = {}

@@ -40,7 +40,9 @@ def _trace(result: Any, samples: list[dict], n: int = 2, keep: int = 6) -> list[
 
 
 def evaluate_policies(run: Any) -> dict[str, Any]:
-    """accuracy / sub_em / seconds_per_chunk: {policy: {"<m>x": value}}, plus traces and setup."""
+    """accuracy / sub_em / seconds_per_chunk: {policy: {"<m>x": value}} on the held-out sets;
+    accuracy_seen_keys: the same on the seen-key sets (training keys, held-out codes) when the
+    data stage wrote them; plus traces and setup."""
     from tqdm.auto import tqdm
 
     from memagent_jax.agent.rollout import rollout, sampler_generate_fn
@@ -53,14 +55,17 @@ def evaluate_policies(run: Any) -> dict[str, Any]:
     tok = load_tokenizer(run.path("tokenizer"))
     policy, builder = _agent(run, tok, None)
     sets = {f"{m}x": read_jsonl(run.path("data", f"eval_{m}x.jsonl")) for m in d.eval_multiples}
+    seen_path = {f"{m}x": run.path("data", f"seen_keys_{m}x.jsonl") for m in d.eval_multiples}
+    seen = {k: read_jsonl(p) for k, p in seen_path.items() if p.is_file()}
     gen_kwargs = dict(max_memory_new_tokens=a.max_memory_tokens,
                       max_final_new_tokens=a.max_final_new_tokens, seed=d.seed)
-    out: dict[str, Any] = {"accuracy": {}, "sub_em": {}, "seconds_per_chunk": {}, "seconds": {},
+    out: dict[str, Any] = {"accuracy": {}, "accuracy_seen_keys": {}, "sub_em": {}, "seconds_per_chunk": {},
+                           "seconds": {},
                            "chunks": {k: v[0]["num_chunks"] for k, v in sets.items()},
                            "tokens": {k: float(np.mean([s["num_tokens"] for s in v])) for k, v in sets.items()},
                            "docs": d.eval_docs, "temperature": d.eval_temperature, "top_p": d.eval_top_p,
                            "traces": {}}
-    total = 2 * sum(len(v) * v[0]["num_chunks"] for v in sets.values())
+    total = 2 * sum(len(v) * v[0]["num_chunks"] for v in [*sets.values(), *seen.values()])
     bar = tqdm(total=total, desc="eval: document-chunks", unit="chunk", disable=not d.progress)
 
     def run_set(gen: Any, samples: list[dict], progress: bool) -> tuple[Any, float]:
@@ -90,6 +95,9 @@ def evaluate_policies(run: Any) -> dict[str, Any]:
                 out[metric].setdefault(name, {})[key] = value
             if name == "rl":
                 out["traces"][key] = _trace(res, samples)
+        for key, samples in seen.items():  # training keys, held-out codes, unseen documents
+            res, _ = run_set(gen, samples, progress=True)
+            out["accuracy_seen_keys"].setdefault(name, {})[key] = _score(res)[0]
         if name == "rl":  # the same policy without the document
             for key, samples in sets.items():
                 res, seconds = run_set(gen, [dict(s, context="") for s in samples], progress=False)

@@ -114,8 +114,10 @@ def write_report(run: Any) -> dict[str, Any]:
     vocab = json.loads(run.done_file("tokenizer").read_text()).get("vocab_size", d.vocab_size)
     params = count_params(random_model_config(cfg, vocab))
     acc = {p: {k: round(v, 4) for k, v in by.items()} for p, by in results["accuracy"].items()}
+    seen = results.get("accuracy_seen_keys", {})
     summary = {
         "accuracy": acc,
+        "accuracy_seen_keys": {p: {k: round(v, 4) for k, v in by.items()} for p, by in seen.items()},
         "sub_em": {p: {k: round(v, 4) for k, v in by.items()} for p, by in results["sub_em"].items()},
         "seconds_per_chunk": {p: {k: round(v, 5) for k, v in by.items()}
                               for p, by in results["seconds_per_chunk"].items()},
@@ -157,10 +159,19 @@ def write_report(run: Any) -> dict[str, Any]:
         lines += [f"RL stopped early: {stopped}", ""]
     lines += [
         "## Accuracy (exact boxed answer) vs document length", "",
+        "Held-out keys and held-out codes:", "",
         _table(results, "accuracy", "{:.1%}", ("rl", "warm_start", "no_document")), "",
         f"RL vs warm start at the training length: {rl_acc.get(m1, 0) - results['accuracy']['warm_start'][m1]:+.1%}; "
         f"RL at {mlast} vs {m1}: {rl_acc.get(mlast, 0) - rl_acc.get(m1, 0):+.1%}.", "",
         "![accuracy vs length](accuracy_vs_length.png)", "",
+    ]
+    if seen:
+        lines += [
+            "Training keys with held-out codes, in unseen documents (what RL learns for the keys it "
+            "trained on):", "",
+            _table(results, "accuracy_seen_keys", "{:.1%}", ("rl", "warm_start")), "",
+        ]
+    lines += [
         "## Cost: seconds per document-chunk", "",
         _table(results, "seconds_per_chunk", "{:.4f}", ("rl", "warm_start")), "",
         "![seconds per chunk](seconds_per_chunk.png)", "",

@@ -46,6 +46,8 @@ def test_needle_documents_have_exact_chunks_and_held_out_keys(tokenizer):
             assert 1 <= len(s["distractor_keys"]) <= 3 and s["key"] not in s["distractor_keys"]
             found = nk.needles_in(s["context"])
             assert (s["key"], s["value"]) in found and len(found) == 1 + len(s["distractor_keys"])
+    seen = nk.generate(nk.NeedleSpec(48, 2, split="eval", key_split="train"), tokenizer, 6, seed=1)
+    assert all(s["key"] in keys["train"] and s["value"] in values["eval"] for s in seen)
     a = nk.generate(nk.NeedleSpec(48, 2), tokenizer, 3, seed=5)
     assert a == nk.generate(nk.NeedleSpec(48, 2), tokenizer, 3, seed=5)  # deterministic
 
@@ -112,7 +114,8 @@ def test_demo_end_to_end_then_resume(tmp_path):
     assert result["stages"] == {s: "ran" for s in STAGES}
 
     for f in ("tokenizer/tokenizer.model", "data/sft.jsonl", "data/rl.jsonl", "data/eval_1x.jsonl",
-              "data/eval_2x.jsonl", "sft/hf/config.json", "sft/metrics.jsonl", "rl/metrics.jsonl",
+              "data/eval_2x.jsonl", "data/seen_keys_2x.jsonl", "rl/train_config.yaml",
+              "sft/hf/config.json", "sft/metrics.jsonl", "rl/metrics.jsonl",
               "eval/results.json", "hf/config.json", "hf/model.safetensors", "report.md", "summary.json"):
         assert (out / f).is_file(), f
     assert any((out / "rl" / "checkpoints").iterdir())
@@ -122,7 +125,8 @@ def test_demo_end_to_end_then_resume(tmp_path):
 
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["accuracy"]) == {"rl", "warm_start", "no_document"}
-    for by_len in summary["accuracy"].values():
+    assert set(summary["accuracy_seen_keys"]) == {"rl", "warm_start"}
+    for by_len in [*summary["accuracy"].values(), *summary["accuracy_seen_keys"].values()]:
         assert set(by_len) == {"1x", "2x"} and all(0.0 <= v <= 1.0 for v in by_len.values())
     assert summary["train_length_chunks"] == 2 and summary["chunk_size"] == 32
     assert set(STAGES) | {"total"} == set(summary["wall_time_s"])

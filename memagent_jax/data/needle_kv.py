@@ -102,16 +102,24 @@ def question_text(key: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class NeedleSpec:
-    """How documents are built: length in chunks of `chunk_size` tokens, split, distractor range."""
+    """How documents are built: length in chunks of `chunk_size` tokens, split, distractor range.
+    `key_split` draws the keys from another split than the values (e.g. training keys with
+    held-out codes); empty = `split`."""
 
     chunk_size: int = 64
     num_chunks: int = 3
     split: str = "train"
     min_distractors: int = 1
     max_distractors: int = 3
+    key_split: str = ""
+
+    @property
+    def keys_from(self) -> str:
+        return self.key_split or self.split
 
     def __post_init__(self) -> None:
         _check_split(self.split)
+        _check_split(self.keys_from)
         if self.chunk_size < 16 or self.num_chunks < 1:
             raise ValueError(f"needle_kv: need chunk_size >= 16 and num_chunks >= 1, got {self}")
         if not 0 <= self.min_distractors <= self.max_distractors:
@@ -139,7 +147,7 @@ def build_sample(spec: NeedleSpec, tokenizer: Encoder, rng: np.random.Generator,
     """One sample dict: question, context, answers, and metadata (key, value, needle_chunk,
     distractor keys, num_chunks, num_tokens). `keys` defaults to `split_keys(tokenizer, split)`."""
     count = counter or _TokenCounter(tokenizer)
-    keys = keys if keys is not None else split_keys(tokenizer, spec.split)
+    keys = keys if keys is not None else split_keys(tokenizer, spec.keys_from)
     values = split_values(spec.split)
     n_dis = int(rng.integers(spec.min_distractors, spec.max_distractors + 1))
     key, *dis_keys = [keys[i] for i in rng.choice(len(keys), size=n_dis + 1, replace=False)]
@@ -210,7 +218,8 @@ def build_sample(spec: NeedleSpec, tokenizer: Encoder, rng: np.random.Generator,
             f"needle_kv: built a document of {len(ids)} tokens ({n_chunks} chunks, target needle in "
             f"chunk {target_chunk}) for {spec}; the tokenizer does not split on spaces as expected")
     return {
-        "id": f"needle_kv-{spec.split}-{spec.num_chunks}x{spec.chunk_size}-{index}",
+        "id": f"needle_kv-{spec.split}{'-' + spec.key_split + 'keys' if spec.key_split else ''}"
+              f"-{spec.num_chunks}x{spec.chunk_size}-{index}",
         "question": question_text(key), "context": context, "answers": [value],
         "key": key, "value": value, "needle_chunk": target_chunk,
         "distractor_keys": dis_keys, "num_chunks": n_chunks, "num_tokens": len(ids),
@@ -232,9 +241,11 @@ def generate(spec: NeedleSpec, tokenizer: Encoder, num_docs: int, *, seed: int =
     `progress(n)` (e.g. a tqdm bar's update) is called after each document.
     """
     tags = [zlib.crc32(spec.split.encode()), spec.num_chunks, spec.chunk_size]
+    if spec.key_split and spec.key_split != spec.split:
+        tags.append(zlib.crc32(spec.key_split.encode()))
     rng = np.random.default_rng([int(seed), *tags])
     counter = _TokenCounter(tokenizer)
-    keys = split_keys(tokenizer, spec.split)
+    keys = split_keys(tokenizer, spec.keys_from)
     out = []
     for i in range(num_docs):
         out.append(build_sample(spec, tokenizer, rng, essays_dir=essays_dir, counter=counter,
