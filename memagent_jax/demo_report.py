@@ -6,7 +6,6 @@ import datetime
 import json
 import os
 import platform
-from pathlib import Path
 from typing import Any
 
 POLICY_LABELS = {"rl": "RL (DAPO)", "warm_start": "warm start (SFT)", "no_document": "no document"}
@@ -24,12 +23,6 @@ def machine() -> str:
         pass
     return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
             f"jax {jax.__version__} on {jax.default_backend()}")
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
 def _plots(run: Any, results: dict[str, Any], rl_metrics: list[dict], sft_metrics: list[dict]) -> list[str]:
@@ -106,8 +99,9 @@ def write_report(run: Any) -> dict[str, Any]:
     from memagent_jax.policy import random_model_config
 
     results = json.loads(run.path("eval", "results.json").read_text())
-    rl_metrics = _read_jsonl(run.path("rl", "metrics.jsonl"))
-    sft_metrics = _read_jsonl(run.path("sft", "metrics.jsonl"))
+    from memagent_jax.metrics import read_metrics
+
+    rl_metrics, sft_metrics = read_metrics(run.path("rl")), read_metrics(run.path("sft"))
     plots = _plots(run, results, rl_metrics, sft_metrics)
     cfg, d, a = run.cfg, run.demo, run.cfg.agent
     seconds = run.stage_seconds()
