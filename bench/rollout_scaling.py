@@ -2,7 +2,7 @@
 
 MemAgent's claim is linear cost: every chunk is one fixed-size conversation, so the time per
 chunk and the memory in use must not grow with the document. This runs the memory agent
-(`rollout(..., training=False)`, greedy) on needle_kv documents of 1x, 8x and 64x the training
+(`rollout(..., training=False)`, greedy) on the demo's needle documents of 1x, 8x and 64x the training
 length with the tiny model: the demo's exported policy when `--model` (default runs/demo/hf)
 exists, else a random init of configs/tiny.yaml's shape with a freshly trained tokenizer.
 
@@ -72,7 +72,7 @@ def load_policy(args: argparse.Namespace, cfg: object) -> tuple[object, object, 
     if (model_dir / "config.json").is_file():
         return from_pretrained(model_dir), load_tokenizer(model_dir), f"trained ({model_dir})"
     from memagent_jax.agent.prompts import templates_from_config
-    from memagent_jax.data.needle_kv import tokenizer_corpus
+    from memagent_jax.demo.task import tokenizer_corpus
 
     t = templates_from_config(cfg.agent)
     tok = train_sentencepiece(tokenizer_corpus() + [t.memory_update, t.final] * 20,
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     from memagent_jax.agent.memory import make_policy
     from memagent_jax.agent.prompts import PromptBuilder, templates_from_config
     from memagent_jax.agent.rollout import rollout, sampler_generate_fn
-    from memagent_jax.data import needle_kv as nk
+    from memagent_jax.demo import task as nk
     from memagent_jax.demo import load_demo_config
 
     cfg, demo = load_demo_config(args.config)
@@ -109,7 +109,9 @@ def main(argv: list[str] | None = None) -> None:
                       seed=args.seed)
 
     def docs(mult: int) -> list[dict]:
-        spec = nk.NeedleSpec(chunk_size=a.chunk_size, num_chunks=demo.train_chunks * mult, split="eval")
+        spec = nk.NeedleSpec(chunk_size=a.chunk_size, num_chunks=demo.train_chunks * mult,
+                             min_distractors=demo.min_distractors, max_distractors=demo.max_distractors,
+                             num_keys=demo.num_keys, name="eval")
         return nk.generate(spec, tok, args.docs, seed=args.seed + 7)
 
     def run(samples: list[dict]) -> object:

@@ -90,7 +90,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from memagent_jax.demo import run_demo
 
-    run_demo(out_dir=args.out, fresh=args.fresh, config=args.config, overrides=args.overrides)
+    run_demo(out_dir=args.out, fresh=args.fresh, config=args.config, overrides=args.overrides,
+             from_scratch=args.from_scratch, ship_base=args.ship_base, until=args.until)
     return 0
 
 
@@ -124,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     d.add_argument("--fresh", action="store_true", help="start over instead of resuming stages")
     d.add_argument("--config", default="tiny", help="config name or YAML path (default tiny)")
+    d.add_argument("--from-scratch", action="store_true",
+                   help="train the tokenizer and the base model here instead of using the shipped base")
+    d.add_argument("--ship-base", action="store_true",
+                   help="with --from-scratch: replace the shipped base (memagent_jax/demo/base) with this run's")
+    d.add_argument("--until", default=None, metavar="STAGE", help="stop after this stage")
     d.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     d.set_defaults(fn=_cmd_demo)
 

@@ -74,7 +74,7 @@ class RolloutSection:
 class DataSection:
     """Where training documents come from."""
 
-    source: str = "ruler_hotpotqa"  # ruler_hotpotqa | memagent_rows | needle_kv
+    source: str = "ruler_hotpotqa"  # ruler_hotpotqa | memagent_rows | jsonl
     path: str = ""
     num_docs: int = 200
     seed: int = 0

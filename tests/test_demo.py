@@ -1,5 +1,5 @@
 """The embedded default end to end (configs/micro.yaml: every stage, tiny everything), plus the
-needle_kv documents and the warm start's teacher transcripts it is built on."""
+needle task's documents, the base model's lookup sequences and the warm start's teacher transcripts."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 
 from memagent_jax.agent.memory import make_policy
 from memagent_jax.agent.prompts import PromptBuilder, PromptTemplates
-from memagent_jax.data import needle_kv as nk
 from memagent_jax.demo import STAGES, load_demo_config, run_demo
+from memagent_jax.demo import task as T
 
 MICRO = "micro"
 
@@ -20,71 +20,108 @@ MICRO = "micro"
 def tokenizer(tmp_path_factory):
     from memagent_jax.tokenizer import train_sentencepiece
 
-    return train_sentencepiece(nk.tokenizer_corpus(), tmp_path_factory.mktemp("tok"), 1024)
+    return train_sentencepiece(T.tokenizer_corpus(), tmp_path_factory.mktemp("tok"), 1024)
 
 
-def test_needle_documents_have_exact_chunks_and_held_out_keys(tokenizer):
-    values = {split: set(nk.split_values(split)) for split in nk.SPLITS}
-    keys = {split: set(nk.split_keys(tokenizer, split)) for split in nk.SPLITS}
-    for kind in (values, keys):
-        assert kind["train"] and kind["eval"] and not kind["train"] & kind["eval"]
-    for key in keys["eval"] | keys["train"]:  # one whole-word token each
+def test_needle_documents_have_exact_chunks_and_unseen_layouts(tokenizer):
+    keys = T.task_keys(tokenizer, 8)
+    assert len(set(keys)) == 8 and T.task_keys(tokenizer, 8) == keys
+    for key in keys:  # one whole-word token each, the same token in the needle and in the note
         assert len(tokenizer.encode(" " + key)) == 1 and key not in ("secret", "code")
-        assert nk.needles_in(nk.needle_text(key, "7K")) == [(key, "7K")]
-        assert nk.noted_value(nk.note_text(key, "7K")) == "7K" and not nk.noted_value(nk.note_text(key, None))
-    for split, chunks in (("train", 1), ("train", 3), ("eval", 7)):
-        spec = nk.NeedleSpec(chunk_size=48, num_chunks=chunks, split=split)
-        for s in nk.generate(spec, tokenizer, 12, seed=1):
+        assert T.needles_in(T.needle_text(key, "7")) == [(key, "7")]
+        assert tokenizer.encode(" " + T.needle_text(key, "7"))[-3:-1] == tokenizer.encode(T.note_text(key, "7"))
+        assert T.parse_note(T.note_text(key, "7")) == (key, "7") and T.parse_note(T.note_text(key, None)) is None
+        assert T.answer_text(T.note_text(key, "7")) == f" {key}7 \\boxed{{7}}"
+    assert T.answer_text("none") == "none \\boxed{none}"
+    for chunks in (1, 3, 7):
+        spec = T.NeedleSpec(chunk_size=48, num_chunks=chunks)
+        for s in T.generate(spec, tokenizer, 12, seed=1):
             ids = tokenizer.encode(s["context"])
             assert -(-len(ids) // 48) == chunks == s["num_chunks"]
-            target = nk.needle_text(s["key"], s["value"])
+            target = T.needle_text(s["key"], s["value"])
             holding = [c for c in range(chunks) if target in tokenizer.decode(ids[48 * c:48 * c + 48])]
             assert holding == [s["needle_chunk"]]  # whole, in exactly one chunk
-            assert s["key"] in keys[split] and s["value"] in values[split]
-            assert set(s["distractor_keys"]) <= keys[split]
-            assert s["answers"] == [s["value"]] and s["question"] == nk.question_text(s["key"])
+            assert s["key"] in keys and s["value"] in T.VALUES and set(s["distractor_keys"]) <= set(keys)
+            assert s["answers"] == [s["value"]] and s["question"] == T.question_text(s["key"])
             assert 1 <= len(s["distractor_keys"]) <= 3 and s["key"] not in s["distractor_keys"]
-            found = nk.needles_in(s["context"])
-            assert (s["key"], s["value"]) in found and len(found) == 1 + len(s["distractor_keys"])
-    seen = nk.generate(nk.NeedleSpec(48, 2, split="eval", key_split="train"), tokenizer, 6, seed=1)
-    assert all(s["key"] in keys["train"] and s["value"] in values["eval"] for s in seen)
-    a = nk.generate(nk.NeedleSpec(48, 2), tokenizer, 3, seed=5)
-    assert a == nk.generate(nk.NeedleSpec(48, 2), tokenizer, 3, seed=5)  # deterministic
+            found = T.needles_in(s["context"])
+            assert found == [tuple(n) for n in s["needles"]] and (s["key"], s["value"]) in found
+            assert [tuple(n[:2]) for n in s["layout"]] == found
+            assert all(tokenizer.encode(s["context"])[o + 4] == tokenizer.encode(" " + k)[0]
+                       for k, _, o in s["layout"])  # offsets point at the needles
+    a = T.generate(T.NeedleSpec(48, 2), tokenizer, 3, seed=5)
+    assert a == T.generate(T.NeedleSpec(48, 2), tokenizer, 3, seed=5)  # deterministic
+    train = T.generate(T.NeedleSpec(32, 1, min_distractors=0, max_distractors=0, num_keys=2), tokenizer, 200, seed=1)
+    seen = {T.layout_key(s) for s in train}
+    fresh = T.generate(T.NeedleSpec(32, 1, min_distractors=0, max_distractors=0, num_keys=2, name="eval"),
+                       tokenizer, 50, seed=2, exclude=seen)
+    assert len(fresh) == 50 and not {T.layout_key(s) for s in fresh} & seen
 
 
 @pytest.mark.parametrize("careless", [0.0, 1.0])
 def test_teacher_transcripts_follow_the_rollout_prompts(tokenizer, careless):
     from memagent_jax.rl.sft import teacher_transcripts
 
-    spec = nk.NeedleSpec(chunk_size=48, num_chunks=3)
-    samples = nk.generate(spec, tokenizer, 6, seed=2)
+    spec = T.NeedleSpec(chunk_size=48, num_chunks=3)
+    samples = T.generate(spec, tokenizer, 6, seed=2)
     policy = make_policy("overwrite", chunk_size=48, max_chunks=3, max_memory_tokens=8)
-    builder = PromptBuilder(tokenizer, PromptTemplates(first_memory=nk.NOTHING))
-    teacher = nk.NeedleTeacher(careless)
+    builder = PromptBuilder(tokenizer, PromptTemplates(first_memory=T.NOTHING))
+    teacher = T.NeedleTeacher(careless)
     convs = teacher_transcripts(samples, policy=policy, builder=builder, tokenizer=tokenizer, teacher=teacher)
     assert len(convs) == 6 * (3 + 1)
     ids = [tokenizer.encode(s["context"]) for s in samples]
     for i, s in enumerate(samples):
         turns = convs[4 * i:4 * i + 4]
-        chunk_needles = [nk.needles_in(tokenizer.decode(ids[i][48 * c:48 * c + 48])) for c in range(3)]
-        if careless:  # the first code seen, whatever its key
+        chunk_needles = [T.needles_in(tokenizer.decode(ids[i][48 * c:48 * c + 48])) for c in range(3)]
+        if careless:  # the first needle seen, whatever its key
             first = min(c for c in range(3) if chunk_needles[c])
-            noted = [None if c < first else chunk_needles[first][0][1] for c in range(3)]
+            noted = [None if c < first else chunk_needles[first][0] for c in range(3)]
         else:
-            noted = [s["value"] if c >= s["needle_chunk"] else None for c in range(3)]
+            noted = [(s["key"], s["value"]) if c >= s["needle_chunk"] else None for c in range(3)]
         assert teacher.is_careless(s) == bool(careless)
         for k, (prompt, reply, kind) in enumerate(turns[:3]):
             assert reply[-1] == tokenizer.eos_id
-            assert tokenizer.decode(reply) == nk.note_text(s["key"], noted[k])
+            assert tokenizer.decode(reply[:-1]).strip() == T.note_text(*(noted[k] or (None, None))).strip()
             before = noted[k - 1] if k else None  # the first memory is "none", i.e. nothing noted
             assert kind == ("keep" if noted[k] == before else "write")
         prompt, reply, kind = turns[3]
         assert kind == "final"
-        assert tokenizer.decode(reply) == "\\boxed{" + noted[2] + "}"
-        memory = tokenizer.encode(nk.note_text(s["key"], noted[2]))
+        assert tokenizer.decode(reply[:-1]).strip() == f"{noted[2][0]}{noted[2][1]} \\boxed{{{noted[2][1]}}}"
+        memory = tokenizer.encode(T.note_text(*noted[2]))
         assert prompt == builder.final_prompt(tokenizer.encode(s["question"]), memory)
     with pytest.raises(ValueError, match="careless"):
-        nk.NeedleTeacher(1.5)
+        T.NeedleTeacher(1.5)
+
+
+def test_lookup_sequences_ask_every_needle_and_train_only_the_answers(tokenizer):
+    from memagent_jax.demo.pretrain import lookup_corpus
+
+    builder = PromptBuilder(tokenizer, PromptTemplates(final="Memory: {memory}\nProblem: {prompt}\nAnswer:",
+                                                       first_memory=T.NOTHING))
+    seqs = lookup_corpus(tokenizer, builder, num_docs=12, chunk_size=32, max_chunks=3, num_keys=8, seed=0,
+                         absent_share=0.5)
+    assert len(seqs) == 12
+    for seq in seqs:
+        assert len(seq.tokens) == len(seq.mask)
+        answers, run = [], []  # contiguous trained spans, each one answer ending in EOS
+        for t, m in zip(seq.tokens + [None], seq.mask + [0.0]):
+            if m:
+                run.append(t)
+            elif run:
+                assert run[-1] == tokenizer.eos_id
+                answers.append(tokenizer.decode(run[:-1]))
+                run = []
+        text = tokenizer.decode(seq.tokens)
+        doc_needles = T.needles_in(text)
+        asked = [q for q in text.split("Problem: ")[1:]]
+        assert len(asked) >= len(doc_needles) >= 1
+        for q in asked:  # every question's answer follows it: the key's needle or none
+            key = q.split("code for ")[1].split("?")[0]
+            value = dict(doc_needles).get(key)
+            assert T.answer_text(T.note_text(key, value)).strip() in q
+        assert len([a for a in answers if "boxed" in a]) == len(asked)
+        first_q = text.split("Problem: ")[1].split("code for ")[1].split("?")[0]
+        assert first_q in dict(doc_needles)  # the first question (the baseline's format) has an answer
 
 
 def test_sft_lowers_the_response_loss(tokenizer):
@@ -114,7 +151,7 @@ def test_demo_end_to_end_then_resume(tmp_path):
     assert result["stages"] == {s: "ran" for s in STAGES}
 
     for f in ("tokenizer/tokenizer.model", "data/sft.jsonl", "data/rl.jsonl", "data/eval_1x.jsonl",
-              "data/eval_2x.jsonl", "data/seen_keys_2x.jsonl", "rl/train_config.yaml",
+              "data/eval_2x.jsonl", "rl/train_config.yaml", "pretrain/hf/config.json", "pretrain/metrics.jsonl",
               "sft/hf/config.json", "sft/metrics.jsonl", "rl/metrics.jsonl",
               "eval/results.json", "hf/config.json", "hf/model.safetensors", "report.md", "summary.json"):
         assert (out / f).is_file(), f
@@ -124,10 +161,12 @@ def test_demo_end_to_end_then_resume(tmp_path):
         assert data.startswith(b"\x89PNG") and len(data) > 1000, png
 
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["accuracy"]) == {"rl", "warm_start", "no_document"}
-    assert set(summary["accuracy_seen_keys"]) == {"rl", "warm_start"}
-    for by_len in [*summary["accuracy"].values(), *summary["accuracy_seen_keys"].values()]:
+    assert set(summary["accuracy"]) == {"rl", "warm_start", "full_context", "no_document"}
+    for policy, by_len in summary["accuracy"].items():
         assert set(by_len) == {"1x", "2x"} and all(0.0 <= v <= 1.0 for v in by_len.values())
+        for k, (lo, hi) in summary["interval_95"][policy].items():
+            assert 0.0 <= lo <= by_len[k] <= hi <= 1.0 and hi - lo > 0.2  # 2 documents: wide
+    assert summary["eval_docs_per_length"] == 2 and "rl_vs_warm_start_1x" in summary["targets"]
     assert summary["train_length_chunks"] == 2 and summary["chunk_size"] == 32
     assert set(STAGES) | {"total"} == set(summary["wall_time_s"])
     assert summary["machine"] and summary["date"]
@@ -135,7 +174,7 @@ def test_demo_end_to_end_then_resume(tmp_path):
 
     report = (out / "report.md").read_text()
     assert "| policy | 1x (2 chunks) | 2x (4 chunks) |" in report
-    for label in ("RL (DAPO)", "warm start (SFT)", "no document"):
+    for label in ("RL (DAPO)", "warm start (SFT)", "full context (base, window)", "no document"):
         assert f"| {label} |" in report
 
     model = models.from_pretrained(out / "hf")  # the exported RL policy serves from its folder
@@ -147,4 +186,4 @@ def test_demo_end_to_end_then_resume(tmp_path):
     assert again["stages"] == {s: "skipped" for s in STAGES}
     (out / "eval" / "done.json").unlink()  # a lost stage re-runs, and so does everything after it
     partial = run_demo(out_dir=out, config=MICRO)
-    assert partial["stages"] == {**{s: "skipped" for s in STAGES[:4]}, "eval": "ran", "report": "ran"}
+    assert partial["stages"] == {**{s: "skipped" for s in STAGES[:5]}, "eval": "ran", "report": "ran"}

@@ -31,6 +31,14 @@ from memagent_jax.rl.train_step import TrainState, init_train_state
 Example = tuple[list[int], list[int]]  # (prompt ids, response ids incl. EOS), or a TeacherTurn
 
 
+class MaskedSequence(NamedTuple):
+    """A training sequence whose trained tokens are given by a 0/1 mask (e.g. several answers
+    in one sequence); `train_sft` accepts these beside (prompt, response) examples."""
+
+    tokens: list[int]
+    mask: list[float]
+
+
 class TeacherTurn(NamedTuple):
     """One teacher-written conversation; `kind` is "keep" (the memory reply repeats the memory),
     "write" (it changes the memory) or "final"."""
@@ -84,6 +92,7 @@ class SFTSettings:
     grad_clip: float = 1.0
     seed: int = 0
     logprob_chunk: int = 256
+    pad_multiple: int = 32  # batches are padded to a multiple of this length (few programs compile)
 
 
 def _schedule(s: SFTSettings) -> optax.Schedule:
@@ -98,18 +107,23 @@ def make_sft_optimizer(s: SFTSettings) -> optax.GradientTransformation:
                        optax.adamw(_schedule(s), weight_decay=s.weight_decay))
 
 
-def pad_batch(examples: Sequence[Example], rows: int, pad_id: int = 0, multiple: int = 32
-              ) -> dict[str, np.ndarray]:
-    """tokens [rows, W] (prompt + response, right-padded to a multiple of `multiple`) and the
-    response mask; rows beyond len(examples) are all padding (mask 0)."""
-    longest = max(len(ex[0]) + len(ex[1]) for ex in examples)
-    width = -(-longest // multiple) * multiple
+def _tokens_and_mask(ex: Example | MaskedSequence) -> tuple[list[int], list[float]]:
+    if isinstance(ex, MaskedSequence):
+        return list(ex.tokens), list(ex.mask)
+    return list(ex[0]) + list(ex[1]), [0.0] * len(ex[0]) + [1.0] * len(ex[1])
+
+
+def pad_batch(examples: Sequence[Example | MaskedSequence], rows: int, pad_id: int = 0,
+              multiple: int = 32) -> dict[str, np.ndarray]:
+    """tokens [rows, W] (prompt + response, or a MaskedSequence's tokens, right-padded to a
+    multiple of `multiple`) and the trained-token mask; rows beyond len(examples) are all
+    padding (mask 0)."""
+    pairs = [_tokens_and_mask(ex) for ex in examples]
+    width = -(-max(len(t) for t, _ in pairs) // multiple) * multiple
     tokens = np.full((rows, width), pad_id, np.int32)
     mask = np.zeros((rows, width), np.float32)
-    for i, ex in enumerate(examples):
-        p, r = ex[0], ex[1]
-        tokens[i, :len(p)], tokens[i, len(p):len(p) + len(r)] = p, r
-        mask[i, len(p):len(p) + len(r)] = 1.0
+    for i, (t, m) in enumerate(pairs):
+        tokens[i, :len(t)], mask[i, :len(m)] = t, m
     return {"tokens": tokens, "mask": mask}
 
 
@@ -130,7 +144,7 @@ def sft_step(graphdef: Any, state: TrainState, tokens: jax.Array, mask: jax.Arra
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def train_sft(model: Any, examples: Sequence[Example], settings: SFTSettings, *, pad_id: int = 0,
+def train_sft(model: Any, examples: Sequence[Example | MaskedSequence], settings: SFTSettings, *, pad_id: int = 0,
               weights: Sequence[float] | None = None,
               on_step: Callable[[int, dict[str, float]], None] | None = None) -> tuple[Any, list[dict]]:
     """Trains `model` (an NNX decoder) on `examples`; returns (trained model, per-step metrics).
@@ -163,7 +177,7 @@ def train_sft(model: Any, examples: Sequence[Example], settings: SFTSettings, *,
             if len(order) < settings.batch_size:
                 order += rng.permutation(len(examples)).tolist()
             picked, order = order[:settings.batch_size], order[settings.batch_size:]
-        batch = pad_batch([examples[i] for i in picked], rows, pad_id)
+        batch = pad_batch([examples[i] for i in picked], rows, pad_id, settings.pad_multiple)
         state, m = sft_step(graphdef, state, jnp.asarray(batch["tokens"]), jnp.asarray(batch["mask"]),
                             tx=tx, chunk=settings.logprob_chunk)
         metrics = {k: float(v) for k, v in jax.device_get(m).items()}

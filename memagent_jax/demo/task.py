@@ -1,21 +1,24 @@
-"""needle_kv: the tiny default's task, key-value needles in an essay haystack.
+"""The demo's task: key-value needles in an essay haystack, and its teacher.
 
 A document is essay text (the package's Paul Graham essays, whitespace collapsed) with one
-*target* needle "The secret code is <key><value>." and 1-3 *distractor* needles with other keys;
-the question is "What is the secret code for <key>?" and the answer is the value. Keys are essay
-words the tokenizer keeps whole (one token, e.g. "programming"); values are a digit and a capital
-letter ("5G"), so a needle reads "The secret code is programming5G.".
+*target* needle "The secret code is <key><value>." and `min_distractors`-`max_distractors`
+*distractor* needles with other keys; the question is "What is the secret code for <key>?" and
+the answer is the value. Keys are `num_keys` essay words the tokenizer keeps whole (one token,
+e.g. "school"), chosen by hash; values are the digits 0-9, so a needle reads "The secret code is
+school7." Every (key, value) pair occurs in training; evaluation documents are unseen: a fresh
+random stream, and any document whose needle layout (keys, values and positions) also occurs
+in a training set is redrawn (`generate(..., exclude=...)`). Value and key distributions are the
+same in training and evaluation.
+
+A memory note writes the key before the value ("school7", or "none" until the code is found):
+writing the key first turns "find the value of this key" into a plain copy of the token that
+follows that key in the section, which a tiny transformer learns in minutes (a value-only note
+did not move from chance in our trials). The final answer restates the note and boxes the value
+("school7 \\boxed{7}").
 
 Documents are built in tokens of a given tokenizer to an exact number of `chunk_size`-token
 chunks (every chunk but the last is full), and no needle straddles a chunk boundary, so "the
-chunk that holds the fact" is well defined (the warm start's teacher uses it). Evaluation keys
-and values never occur in training needles: both are split by a hash (a held-out key is an
-essay word whose embedding is trained only as haystack; held-out values use the same digits
-and letters in new pairs). Needles go to different chunks where the document has room.
-
-`register_source("needle_kv")`: `data.path` = a JSONL file of samples (written by the demo), or
-else `data.num_docs` samples generated from `data.options` (tokenizer, chunk_size, num_chunks,
-split, min_distractors, max_distractors).
+chunk that holds the fact" is well defined.
 """
 
 from __future__ import annotations
@@ -31,31 +34,21 @@ from typing import Any
 import numpy as np
 
 from memagent_jax.data.ruler_haystack import DEFAULT_ESSAYS_DIR, Encoder, cycled, essay_words
-from memagent_jax.data.sources import register_source
 
-SPLITS = ("train", "eval")
 NEEDLE = "The secret code is {key}{value}."
 QUESTION = "What is the secret code for {key}?"
 NOTHING = "none"  # the demo's first memory, and what a note says before the code is found
-EVAL_KEY_FRACTION = 8  # one key word in 8 is held out for evaluation
-_NEEDLE_RE = re.compile(r"The secret code is ([a-z]+)(\d[A-Z])\.")
-_NOTE_RE = re.compile(r"(\d[A-Z])$")
+VALUES = tuple("0123456789")
+_NEEDLE_RE = re.compile(r"The secret code is ([a-z]+)(\d)\.")
+_NOTE_RE = re.compile(r"([a-z]+)(\d)")
 # Words of the templates and the needle wording are never keys.
 _RESERVED = {"the", "secret", "code", "what", "problem", "memory", "section", "updated", "answer",
              "boxed", "none", "unknown", "for"}
 
 
-def key_split(key: str) -> str:
-    """"eval" for the held-out eighth of all key words (by crc32), else "train"."""
-    return "eval" if zlib.crc32(key.encode()) % EVAL_KEY_FRACTION == 0 else "train"
-
-
-def split_keys(tokenizer: Any, split: str) -> list[str]:
-    """Key words of a split: the tokenizer's whole-word pieces ("▁word", 4+ lowercase letters,
-    one token with its leading space), held out by hash. Keys are ordinary essay words: their
-    embeddings are trained as inputs on the haystack, but held-out ones are never a needle's key
-    in training."""
-    _check_split(split)
+def task_keys(tokenizer: Any, num_keys: int = 8) -> list[str]:
+    """The task's keys: `num_keys` of the tokenizer's whole-word essay pieces ("▁word", 4+
+    lowercase letters, one token with its leading space), the first by crc32 order."""
     essay_vocab = set(essay_words())
     words = []
     for i in range(tokenizer.vocab_size):
@@ -64,32 +57,17 @@ def split_keys(tokenizer: Any, split: str) -> list[str]:
         if (not re.fullmatch(r" [a-z]{4,}", word) or word[1:] in _RESERVED
                 or word[1:] not in essay_vocab):
             continue
-        if tokenizer.encode(word) == [i] and key_split(word[1:]) == split:
+        if tokenizer.encode(word) == [i]:
             words.append(word[1:])
-    if len(words) < 8:
-        raise ValueError(f"needle_kv: the tokenizer has only {len(words)} whole-word {split} keys; "
-                         "train it on needle_kv.tokenizer_corpus() with vocab_size >= 512")
-    return sorted(words)
-
-
-def split_values(split: str) -> list[str]:
-    """All values of a split: a digit and a capital letter ("7K", 260 in all; a tiny model copies
-    two tokens of different kinds without mixing up their order), eval = crc32 % 4 == 0."""
-    _check_split(split)
-    want_eval = split == "eval"
-    every = [d + c for d in "0123456789" for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"]
-    return [v for v in every if (zlib.crc32(v.encode()) % 4 == 0) == want_eval]
+    if len(words) < max(2, num_keys):
+        raise ValueError(f"needle task: the tokenizer has only {len(words)} whole-word keys, {num_keys} "
+                         "asked; train it on task.tokenizer_corpus() with vocab_size >= 512")
+    return sorted(words, key=lambda w: (zlib.crc32(w.encode()), w))[:num_keys]
 
 
 def needles_in(text: str) -> list[tuple[str, str]]:
     """(key, value) of every needle in `text`, in order."""
     return _NEEDLE_RE.findall(text)
-
-
-def _check_split(split: str) -> str:
-    if split not in SPLITS:
-        raise ValueError(f"needle_kv: unknown split {split!r}; expected one of {SPLITS}")
-    return split
 
 
 def needle_text(key: str, value: str) -> str:
@@ -100,30 +78,41 @@ def question_text(key: str) -> str:
     return QUESTION.format(key=key)
 
 
+def note_text(key: str | None, value: str | None) -> str:
+    """A memory note: key then value (" school7": the leading space makes the key the same token
+    as in the needle), or "none" before a code is noted."""
+    return f" {key}{value}" if key and value else NOTHING
+
+
+def parse_note(memory_text: str) -> tuple[str, str] | None:
+    """(key, value) of a note, or None ("none" or anything else)."""
+    m = _NOTE_RE.fullmatch(memory_text.strip())
+    return (m.group(1), m.group(2)) if m else None
+
+
+def answer_text(memory_text: str) -> str:
+    """The final answer from a memory: the note restated, then its value boxed."""
+    note = parse_note(memory_text)
+    return f"{note_text(*note)} \\boxed{{{note[1]}}}" if note else f"{NOTHING} \\boxed{{{NOTHING}}}"
 @dataclasses.dataclass(frozen=True)
 class NeedleSpec:
-    """How documents are built: length in chunks of `chunk_size` tokens, split, distractor range.
-    `key_split` draws the keys from another split than the values (e.g. training keys with
-    held-out codes); empty = `split`."""
+    """How documents are built: length in chunks of `chunk_size` tokens, how many distractors,
+    how many keys the task draws from. `name` tags the documents' ids (e.g. "rl", "eval_4x")."""
 
-    chunk_size: int = 64
+    chunk_size: int = 32
     num_chunks: int = 3
-    split: str = "train"
     min_distractors: int = 1
     max_distractors: int = 3
-    key_split: str = ""
-
-    @property
-    def keys_from(self) -> str:
-        return self.key_split or self.split
+    num_keys: int = 8
+    name: str = "train"
 
     def __post_init__(self) -> None:
-        _check_split(self.split)
-        _check_split(self.keys_from)
+        if self.num_keys < self.max_distractors + 1:
+            raise ValueError(f"needle task: num_keys must exceed max_distractors ({self})")
         if self.chunk_size < 16 or self.num_chunks < 1:
-            raise ValueError(f"needle_kv: need chunk_size >= 16 and num_chunks >= 1, got {self}")
+            raise ValueError(f"needle task: need chunk_size >= 16 and num_chunks >= 1, got {self}")
         if not 0 <= self.min_distractors <= self.max_distractors:
-            raise ValueError(f"needle_kv: need 0 <= min_distractors <= max_distractors, got {self}")
+            raise ValueError(f"needle task: need 0 <= min_distractors <= max_distractors, got {self}")
 
 
 class _TokenCounter:
@@ -145,10 +134,11 @@ def build_sample(spec: NeedleSpec, tokenizer: Encoder, rng: np.random.Generator,
                  essays_dir: str = DEFAULT_ESSAYS_DIR, counter: _TokenCounter | None = None,
                  keys: Sequence[str] | None = None, index: int = 0) -> dict[str, Any]:
     """One sample dict: question, context, answers, and metadata (key, value, needle_chunk,
-    distractor keys, num_chunks, num_tokens). `keys` defaults to `split_keys(tokenizer, split)`."""
+    distractor keys, needles in document order, layout, num_chunks, num_tokens). `keys` defaults
+    to `task_keys(tokenizer, spec.num_keys)`."""
     count = counter or _TokenCounter(tokenizer)
-    keys = keys if keys is not None else split_keys(tokenizer, spec.keys_from)
-    values = split_values(spec.split)
+    keys = keys if keys is not None else task_keys(tokenizer, spec.num_keys)
+    values = VALUES
     n_dis = int(rng.integers(spec.min_distractors, spec.max_distractors + 1))
     key, *dis_keys = [keys[i] for i in rng.choice(len(keys), size=n_dis + 1, replace=False)]
     value, *dis_values = [values[i] for i in rng.choice(len(values), size=n_dis + 1, replace=False)]
@@ -157,7 +147,7 @@ def build_sample(spec: NeedleSpec, tokenizer: Encoder, rng: np.random.Generator,
     target_tokens = spec.num_chunks * spec.chunk_size
     sizes = [count(" " + t) for t, _ in needles]
     if max(sizes) > spec.chunk_size // 2:
-        raise ValueError(f"needle_kv: a needle of {max(sizes)} tokens needs chunk_size >= "
+        raise ValueError(f"needle task: a needle of {max(sizes)} tokens needs chunk_size >= "
                          f"{2 * max(sizes)} (got {spec.chunk_size})")
     # Each needle's chunk, at random among chunks that keep a quarter of their tokens haystack
     # (empty chunks first); distractors that find no room are dropped (short documents).
@@ -200,7 +190,7 @@ def build_sample(spec: NeedleSpec, tokenizer: Encoder, rng: np.random.Generator,
             if ok:
                 break
         else:
-            raise ValueError(f"needle_kv: {len(needles)} needles do not fit {spec.num_chunks} "
+            raise ValueError(f"needle task: {len(needles)} needles do not fit {spec.num_chunks} "
                              f"chunks of {spec.chunk_size} tokens; use fewer distractors")
         k = ok[int(rng.integers(len(ok)))]
         items.insert(k, (text, n_tok, is_target))
@@ -215,14 +205,18 @@ def build_sample(spec: NeedleSpec, tokenizer: Encoder, rng: np.random.Generator,
     target_chunk = _chunk_of(ids, spec.chunk_size, tokenizer, needle_text(key, value))
     if n_chunks != spec.num_chunks or target_chunk is None:
         raise RuntimeError(
-            f"needle_kv: built a document of {len(ids)} tokens ({n_chunks} chunks, target needle in "
+            f"needle task: built a document of {len(ids)} tokens ({n_chunks} chunks, target needle in "
             f"chunk {target_chunk}) for {spec}; the tokenizer does not split on spaces as expected")
+    in_order = [needles_in(it[0])[0] for it in items if it[2] is not None]
+    offsets = np.cumsum([0] + [it[1] for it in items])[:-1]
+    layout = [[k, v, int(o)] for (k, v), o in zip(in_order, (o for o, it in zip(offsets, items)
+                                                             if it[2] is not None))]
     return {
-        "id": f"needle_kv-{spec.split}{'-' + spec.key_split + 'keys' if spec.key_split else ''}"
-              f"-{spec.num_chunks}x{spec.chunk_size}-{index}",
+        "id": f"needle-{spec.name}-{spec.num_chunks}x{spec.chunk_size}-{index}",
         "question": question_text(key), "context": context, "answers": [value],
         "key": key, "value": value, "needle_chunk": target_chunk,
-        "distractor_keys": dis_keys, "num_chunks": n_chunks, "num_tokens": len(ids),
+        "distractor_keys": dis_keys, "needles": [[k, v] for k, v in in_order], "layout": layout,
+        "num_chunks": n_chunks, "num_tokens": len(ids),
     }
 
 
@@ -234,22 +228,30 @@ def _chunk_of(ids: Sequence[int], chunk_size: int, tokenizer: Any, text: str) ->
     return None
 
 
-def generate(spec: NeedleSpec, tokenizer: Encoder, num_docs: int, *, seed: int = 0,
-             essays_dir: str = DEFAULT_ESSAYS_DIR, progress: Any = None) -> list[dict[str, Any]]:
-    """`num_docs` samples of `spec`; the same (spec, seed) gives the same samples.
+def layout_key(sample: dict[str, Any]) -> tuple:
+    """A document's needle layout: its length and every needle's (key, value, token offset)."""
+    return (sample["num_chunks"], *(tuple(n) for n in sample["layout"]))
 
+
+def generate(spec: NeedleSpec, tokenizer: Encoder, num_docs: int, *, seed: int = 0,
+             essays_dir: str = DEFAULT_ESSAYS_DIR, progress: Any = None,
+             exclude: set[tuple] | None = None) -> list[dict[str, Any]]:
+    """`num_docs` samples of `spec`; the same (spec, seed, exclude) gives the same samples.
+
+    A document whose `layout_key` is in `exclude` (e.g. the training sets' layouts) is redrawn.
     `progress(n)` (e.g. a tqdm bar's update) is called after each document.
     """
-    tags = [zlib.crc32(spec.split.encode()), spec.num_chunks, spec.chunk_size]
-    if spec.key_split and spec.key_split != spec.split:
-        tags.append(zlib.crc32(spec.key_split.encode()))
+    tags = [zlib.crc32(spec.name.encode()), spec.num_chunks, spec.chunk_size]
     rng = np.random.default_rng([int(seed), *tags])
     counter = _TokenCounter(tokenizer)
-    keys = split_keys(tokenizer, spec.keys_from)
+    keys = task_keys(tokenizer, spec.num_keys)
     out = []
-    for i in range(num_docs):
-        out.append(build_sample(spec, tokenizer, rng, essays_dir=essays_dir, counter=counter,
-                                keys=keys, index=i))
+    while len(out) < num_docs:
+        sample = build_sample(spec, tokenizer, rng, essays_dir=essays_dir, counter=counter,
+                              keys=keys, index=len(out))
+        if exclude and layout_key(sample) in exclude:
+            continue
+        out.append(sample)
         if progress is not None:
             progress(1)
     return out
@@ -257,33 +259,22 @@ def generate(spec: NeedleSpec, tokenizer: Encoder, num_docs: int, *, seed: int =
 
 def tokenizer_corpus(essays_dir: str = DEFAULT_ESSAYS_DIR) -> list[str]:
     """Texts to train the demo tokenizer on: the essays (whose whole-word pieces become the keys)
-    and the needle / question / answer wording."""
-    frame = f"{question_text('')} {needle_text('', '7K')} {NOTHING} \\boxed{{3Q}}"
-    return [" ".join(essay_words(essays_dir)), "\n\n".join([frame] * 50)]
-
-
-def note_text(key: str, value: str | None) -> str:
-    """A memory note: the noted code ("5G"), or "none" before one is found. `key` (the question's
-    key) is not repeated: notes that began with the key were tried, and within the demo's SFT
-    budget the tiny policy did not learn to copy the key from the question."""
-    return value if value else NOTHING
-
-
-def noted_value(memory_text: str) -> str | None:
-    """The code a note holds, or None."""
-    m = _NOTE_RE.search(memory_text.strip())
-    return m.group(1) if m else None
+    and the needle / question / note / answer wording, with every digit as a value."""
+    frames = [f"{question_text('')} {needle_text('', v)} {NOTHING} {v} \\boxed{{{v}}}" for v in VALUES]
+    return [" ".join(essay_words(essays_dir)), "\n\n".join(frames * 20)]
 
 
 class NeedleTeacher:
-    """The warm start's teacher (`rl.sft.Teacher`). Its memory is one note (`note_text`). A careful teacher notes the code when a chunk holds the key's needle and
-    otherwise repeats its note; a careless one (a `careless` fraction of documents, chosen by
-    hash of the document id) notes the FIRST code it sees, whatever the needle's key, and keeps
-    it. The final answer boxes the noted code.
+    """The warm start's teacher (`rl.sft.Teacher`). Its memory is one note (`note_text`).
 
-    The carelessness is the flaw RL must remove: imitating both, the warm start sometimes notes a
-    distractor's code when one comes before the target, so its sampled groups disagree exactly
-    where reading the key pays; the reward (exact match of the boxed answer) teaches it to read."""
+    A careful teacher notes "<key><value>" when a chunk holds the question key's needle and
+    otherwise repeats its note; a careless one (a `careless` fraction of documents, chosen by hash
+    of the document id) notes the FIRST needle it sees, whatever its key, and keeps it. The final
+    answer restates the note and boxes its value (`answer_text`).
+
+    The carelessness is the flaw RL must remove: imitating both, the warm start often notes a
+    distractor when one comes before the target, so its sampled groups disagree exactly where
+    reading the key pays; the reward (exact match of the boxed answer) teaches it to read."""
 
     def __init__(self, careless: float = 0.0) -> None:
         if not 0.0 <= careless <= 1.0:
@@ -294,19 +285,19 @@ class NeedleTeacher:
         return zlib.crc32(str(sample["id"]).encode()) % 10_000 < self.careless * 10_000
 
     def memory_reply(self, sample: dict[str, Any], chunk_text: str, memory_text: str) -> str:
-        key, noted = sample["key"], noted_value(memory_text)
-        if noted:
-            return note_text(key, noted)
+        if parse_note(memory_text):
+            return note_text(*parse_note(memory_text))
         found = needles_in(chunk_text)
-        if self.is_careless(sample):
-            return note_text(key, found[0][1] if found else None)
-        return note_text(key, next((v for k, v in found if k == key), None))
+        if not self.is_careless(sample):
+            found = [(k, v) for k, v in found if k == sample["key"]]
+        return note_text(*found[0]) if found else NOTHING
 
     def final_reply(self, sample: dict[str, Any], memory_text: str) -> str:
-        return "\\boxed{" + (noted_value(memory_text) or NOTHING) + "}"
+        return answer_text(memory_text)
 
 
 def write_jsonl(samples: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Writes samples one JSON object a line (atomically: a .tmp file renamed into place)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -318,27 +309,8 @@ def write_jsonl(samples: Sequence[dict[str, Any]], path: str | Path) -> Path:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The samples of a JSONL file written by `write_jsonl`."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"needle_kv: {path} not found (write it with needle_kv.write_jsonl)")
+        raise FileNotFoundError(f"needle task: {path} not found (the demo's data stage writes it)")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-@register_source("needle_kv")
-def needle_kv_source(data: Any) -> list[dict[str, Any]]:
-    """Training samples: `data.path` (JSONL) if set, else generated from `data.options`
-    {tokenizer (dir, required), chunk_size, num_chunks, split, min_distractors, max_distractors}."""
-    if data.path:
-        return read_jsonl(data.path)
-    opts = dict(data.options)
-    tok_dir = opts.pop("tokenizer", None)
-    if not tok_dir:
-        raise ValueError("data.source=needle_kv needs data.path=FILE.jsonl or "
-                         "data.options.tokenizer=DIR (documents are measured in its tokens)")
-    from memagent_jax.tokenizer import load_tokenizer
-
-    fields = {f.name for f in dataclasses.fields(NeedleSpec)}
-    unknown = sorted(set(opts) - fields)
-    if unknown:
-        raise ValueError(f"unknown data.options {unknown} for needle_kv; known: {sorted(fields | {'tokenizer'})}")
-    return generate(NeedleSpec(**opts), load_tokenizer(tok_dir), data.num_docs, seed=data.seed)

@@ -3,16 +3,16 @@
 Stages (each writes `<run>/<stage>/done.json` when complete and is skipped when that exists,
 unless an earlier stage ran in this invocation; `--fresh` deletes the run folder first):
 
-  tokenizer  SentencePiece on the essays + training-split needles + the prompt templates
-  data       needle_kv documents measured in those tokens: SFT and RL sets at the training
-             length, held-out sets (disjoint keys and values) at each evaluation multiple, and
-             seen-key sets (training keys, held-out values, unseen documents)
-  sft        teacher transcripts through the RL prompts -> short supervised warm start (rl/sft.py)
+  tokenizer  SentencePiece on the essays + needle wording + the prompt templates
+  data       needle documents measured in those tokens (demo/task.py): pretraining, SFT and RL
+             sets at the training length, and unseen evaluation documents at each multiple
+  pretrain   the base model: multi-query in-context lookup over whole documents (demo/pretrain.py)
+  sft        teacher transcripts through the RL prompts -> warm start from the base (rl/sft.py)
   rl         DAPO `Trainer` from the warm start (dynamic sampling, overlong shaping, orbax);
              resumes from its checkpoints; the final policy is exported to `<run>/hf`
-  eval       RL policy, warm start and a no-document baseline on the held-out sets at
-             1x..32x the training length: accuracy and seconds per chunk
-  report     report.md, PNG plots, summary.json (demo_report.py)
+  eval       RL policy, warm start, the base reading the whole document (full-context baseline)
+             and a no-document baseline at 1x..64x the training length (demo/evaluation.py)
+  report     report.md, PNG plots, summary.json (demo/report.py)
 
 The config is a normal `Config` YAML (configs/tiny.yaml) plus a `demo:` section (`DemoSection`);
 overrides `demo.key=value` go to the latter, all others to the former.
@@ -31,7 +31,7 @@ from typing import Any
 
 from memagent_jax.config import Config, apply_overrides, from_dict, load_yaml, save_config, to_dict
 
-STAGES = ("tokenizer", "data", "sft", "rl", "eval", "report")
+STAGES = ("tokenizer", "data", "pretrain", "sft", "rl", "eval", "report")
 
 
 @dataclasses.dataclass
@@ -40,21 +40,31 @@ class DemoSection:
 
     seed: int = 0
     vocab_size: int = 1024  # SentencePiece vocabulary
+    num_keys: int = 8  # keys the questions ask about (values: the digits 0-9)
     train_chunks: int = 3  # training length, in chunks of agent.chunk_size tokens
     min_distractors: int = 1
     max_distractors: int = 3
-    careless: float = 0.5  # fraction of warm-start documents written by a careless teacher
-    sft_docs: int = 400
-    rl_docs: int = 400
-    eval_docs: int = 48  # held-out documents per length
-    eval_multiples: list = dataclasses.field(default_factory=lambda: [1, 4, 16, 32])
-    eval_temperature: float = 0.0  # 0 = greedy
-    eval_top_p: float = 1.0
+    pretrain_docs: int = 4000  # documents of 1..pretrain_max_chunks chunks, every needle asked
+    pretrain_max_chunks: int = 12
+    pretrain_steps: int = 400
+    pretrain_batch_size: int = 16
+    pretrain_lr: float = 3e-3
+    context_window: int = 384  # document tokens the full-context baseline reads (center-truncated)
+    careless: float = 0.5  # fraction of warm-start documents from a careless teacher
+    sft_docs: int = 2000
     sft_steps: int = 300
     sft_batch_size: int = 16
-    sft_lr: float = 5e-3
+    sft_lr: float = 1e-3
     sft_warmup_steps: int = 20
+    rl_docs: int = 800
+    eval_docs: int = 200  # unseen documents per length
+    eval_multiples: list = dataclasses.field(default_factory=lambda: [1, 4, 16, 32, 64])
+    eval_temperature: float = 0.0  # 0 = greedy
+    eval_top_p: float = 1.0
     progress: bool = True
+    # false: start from the base model shipped in memagent_jax/demo/base (tokenizer + pretrained
+    # lookup model, made by `memagent-jax demo --from-scratch --ship-base`); true: train both here
+    from_scratch: bool = False
 
 
 def load_demo_config(config: str | Path | None = "tiny", overrides: list[str] | None = None
@@ -110,7 +120,7 @@ def rl_config(run: Run) -> Config:
     cfg = dataclasses.replace(run.cfg)
     cfg.model = dataclasses.replace(cfg.model, path=str(run.path("sft", "hf")))
     cfg.tokenizer = str(run.path("tokenizer"))
-    cfg.data = dataclasses.replace(cfg.data, source="needle_kv", path=str(run.path("data", "rl.jsonl")),
+    cfg.data = dataclasses.replace(cfg.data, source="jsonl", path=str(run.path("data", "rl.jsonl")),
                                    num_docs=run.demo.rl_docs)
     cfg.agent = dataclasses.replace(cfg.agent, max_chunks=run.demo.train_chunks)
     cfg.trainer = dataclasses.replace(cfg.trainer, out_dir=str(run.path("rl")),
@@ -123,8 +133,12 @@ def rl_config(run: Run) -> Config:
 
 def stage_tokenizer(run: Run) -> dict[str, Any]:
     from memagent_jax.agent.prompts import templates_from_config
-    from memagent_jax.data.needle_kv import tokenizer_corpus
+    from memagent_jax.demo import base
+    from memagent_jax.demo.task import tokenizer_corpus
     from memagent_jax.tokenizer import train_sentencepiece
+
+    if not run.demo.from_scratch:
+        return base.copy_tokenizer(run.path("tokenizer"))
 
     t = templates_from_config(run.cfg.agent)
     texts = tokenizer_corpus() + [t.memory_update, t.final, t.first_memory] * 20
@@ -132,38 +146,42 @@ def stage_tokenizer(run: Run) -> dict[str, Any]:
     return {"vocab_size": tok.vocab_size}
 
 
-def _spec(run: Run, chunks: int, split: str, key_split: str = "") -> Any:
-    from memagent_jax.data.needle_kv import NeedleSpec
+def spec(run: Run, chunks: int, name: str) -> Any:
+    """The task's document spec at `chunks` chunks (`name` tags the documents' ids and seeds)."""
+    from memagent_jax.demo.task import NeedleSpec
 
-    return NeedleSpec(chunk_size=run.cfg.agent.chunk_size, num_chunks=chunks, split=split,
-                      min_distractors=run.demo.min_distractors, max_distractors=run.demo.max_distractors,
-                      key_split=key_split)
+    d = run.demo
+    return NeedleSpec(chunk_size=run.cfg.agent.chunk_size, num_chunks=chunks, min_distractors=d.min_distractors,
+                      max_distractors=d.max_distractors, num_keys=d.num_keys, name=name)
 
 
 def stage_data(run: Run) -> dict[str, Any]:
-    from memagent_jax.data import needle_kv as nk
+    from memagent_jax.demo import task as T
     from memagent_jax.tokenizer import load_tokenizer
 
     tok, d = load_tokenizer(run.path("tokenizer")), run.demo
-    jobs = [("sft", _spec(run, d.train_chunks, "train"), d.sft_docs, d.seed),
-            ("rl", _spec(run, d.train_chunks, "train"), d.rl_docs, d.seed + 1)]
-    jobs += [(f"eval_{m}x", _spec(run, d.train_chunks * m, "eval"), d.eval_docs, d.seed + 2)
-             for m in d.eval_multiples]
-    # Training keys with held-out codes, in unseen documents: what RL learns for the keys it saw.
-    jobs += [(f"seen_keys_{m}x", _spec(run, d.train_chunks * m, "eval", "train"), d.eval_docs, d.seed + 3)
-             for m in d.eval_multiples]
-    bar = _bar(run, sum(j[2] for j in jobs), "data: documents", "doc")
-    counts = {}
-    for name, spec, n, seed in jobs:
-        samples = nk.generate(spec, tok, n, seed=seed, progress=bar.update)
-        nk.write_jsonl(samples, run.path("data", f"{name}.jsonl"))
-        counts[name] = {"docs": n, "chunks": spec.num_chunks,
-                        "tokens_mean": sum(s["num_tokens"] for s in samples) / max(1, n)}
+    train_jobs = [("sft", d.sft_docs, d.seed), ("rl", d.rl_docs, d.seed + 1)]
+    eval_jobs = [(f"eval_{m}x", m) for m in d.eval_multiples]
+    bar = _bar(run, sum(j[1] for j in train_jobs) + d.eval_docs * len(eval_jobs), "data: documents", "doc")
+    counts, seen = {}, set()
+    for name, n, seed in train_jobs:
+        samples = T.generate(spec(run, d.train_chunks, name), tok, n, seed=seed, progress=bar.update)
+        seen |= {T.layout_key(s) for s in samples}
+        T.write_jsonl(samples, run.path("data", f"{name}.jsonl"))
+        counts[name] = {"docs": n, "chunks": d.train_chunks}
+    # Unseen documents: a separate random stream, and no needle layout of a training document.
+    for name, m in eval_jobs:
+        samples = T.generate(spec(run, d.train_chunks * m, "eval"), tok, d.eval_docs, seed=d.seed + 2,
+                             exclude=seen, progress=bar.update)
+        T.write_jsonl(samples, run.path("data", f"{name}.jsonl"))
+        counts[name] = {"docs": d.eval_docs, "chunks": d.train_chunks * m,
+                        "tokens_mean": sum(s["num_tokens"] for s in samples) / max(1, len(samples))}
     bar.close()
     return {"sets": counts}
 
 
-def _agent(run: Run, tokenizer: Any, training_chunks: int | None) -> tuple[Any, Any]:
+def agent_parts(run: Run, tokenizer: Any, training_chunks: int | None) -> tuple[Any, Any]:
+    """(overwrite memory policy, prompt builder) of the demo's agent config."""
     from memagent_jax.agent.memory import make_policy
     from memagent_jax.agent.prompts import PromptBuilder, templates_from_config
 
@@ -173,38 +191,69 @@ def _agent(run: Run, tokenizer: Any, training_chunks: int | None) -> tuple[Any, 
     return policy, PromptBuilder(tokenizer, templates_from_config(a))
 
 
-def stage_sft(run: Run) -> dict[str, Any]:
-    from memagent_jax.data.needle_kv import NeedleTeacher, read_jsonl
+def _train(run: Run, stage: str, model: Any, examples: list, settings: Any, pad_id: int
+           ) -> tuple[Any, list[dict]]:
+    """Supervised training with a progress bar and `<stage>/metrics.jsonl`: (model, history)."""
     from memagent_jax.metrics import MetricsWriter
-    from memagent_jax.models import count_params, init_model
-    from memagent_jax.policy import random_model_config
-    from memagent_jax.rl.sft import SFTSettings, teacher_transcripts, train_sft
-    from memagent_jax.tokenizer import load_tokenizer
-    from memagent_jax.train_run import export_model
+    from memagent_jax.rl.sft import train_sft
 
-    tok, d = load_tokenizer(run.path("tokenizer")), run.demo
-    policy, builder = _agent(run, tok, d.train_chunks)
-    examples = teacher_transcripts(read_jsonl(run.path("data", "sft.jsonl")), policy=policy,
-                                   builder=builder, tokenizer=tok, teacher=NeedleTeacher(d.careless))
-    mcfg = random_model_config(run.cfg, tok.vocab_size)
-    model = init_model(mcfg, seed=d.seed)
-    settings = SFTSettings(steps=d.sft_steps, batch_size=d.sft_batch_size, lr=d.sft_lr,
-                           warmup_steps=d.sft_warmup_steps, seed=d.seed)
-    writer = MetricsWriter(run.path("sft"), tensorboard=False)
-    bar = _bar(run, d.sft_steps, "sft: steps", "step")
+    writer = MetricsWriter(run.path(stage), tensorboard=False)
+    bar = _bar(run, settings.steps, f"{stage}: steps", "step")
 
     def on_step(step: int, m: dict[str, float]) -> None:
         writer.write(step, m)
         bar.update(1)
         bar.set_postfix(loss=f"{m['loss']:.3f}")
 
-    run.path("sft", "metrics.jsonl").unlink(missing_ok=True)
-    model, history = train_sft(model, examples, settings, pad_id=tok.pad_id, on_step=on_step)
+    run.path(stage, "metrics.jsonl").unlink(missing_ok=True)
+    model, history = train_sft(model, examples, settings, pad_id=pad_id, on_step=on_step)
     bar.close()
     writer.close()
+    return model, history
+
+
+def stage_pretrain(run: Run) -> dict[str, Any]:
+    from memagent_jax.demo import base
+    from memagent_jax.demo.pretrain import lookup_corpus
+    from memagent_jax.models import count_params, init_model
+    from memagent_jax.policy import random_model_config
+    from memagent_jax.rl.sft import SFTSettings
+    from memagent_jax.tokenizer import load_tokenizer
+    from memagent_jax.train_run import export_model
+
+    if not run.demo.from_scratch:
+        return base.copy_base(run.path("pretrain"))
+    tok, d = load_tokenizer(run.path("tokenizer")), run.demo
+    _, builder = agent_parts(run, tok, None)
+    examples = lookup_corpus(tok, builder, num_docs=d.pretrain_docs, chunk_size=run.cfg.agent.chunk_size,
+                             max_chunks=d.pretrain_max_chunks, num_keys=d.num_keys, seed=d.seed + 3)
+    mcfg = random_model_config(run.cfg, tok.vocab_size)
+    model = init_model(mcfg, seed=d.seed)
+    settings = SFTSettings(steps=d.pretrain_steps, batch_size=d.pretrain_batch_size, lr=d.pretrain_lr,
+                           warmup_steps=20, seed=d.seed, pad_multiple=128)
+    model, history = _train(run, "pretrain", model, examples, settings, tok.pad_id)
+    export_model(model, tok, run.path("pretrain", "hf"))
+    return {"sequences": len(examples), "tokens": int(sum(len(e.tokens) for e in examples)),
+            "params": count_params(mcfg), "final_loss": history[-1]["loss"]}
+
+
+def stage_sft(run: Run) -> dict[str, Any]:
+    from memagent_jax.demo.task import NeedleTeacher, read_jsonl
+    from memagent_jax.models import from_pretrained
+    from memagent_jax.rl.sft import SFTSettings, teacher_transcripts
+    from memagent_jax.tokenizer import load_tokenizer
+    from memagent_jax.train_run import export_model
+
+    tok, d = load_tokenizer(run.path("tokenizer")), run.demo
+    policy, builder = agent_parts(run, tok, d.train_chunks)
+    examples = teacher_transcripts(read_jsonl(run.path("data", "sft.jsonl")), policy=policy,
+                                   builder=builder, tokenizer=tok, teacher=NeedleTeacher(d.careless))
+    model = from_pretrained(run.path("pretrain", "hf"))
+    settings = SFTSettings(steps=d.sft_steps, batch_size=d.sft_batch_size, lr=d.sft_lr,
+                           warmup_steps=d.sft_warmup_steps, seed=d.seed)
+    model, history = _train(run, "sft", model, examples, settings, tok.pad_id)
     export_model(model, tok, run.path("sft", "hf"))
-    return {"examples": len(examples), "params": count_params(mcfg),
-            "final_loss": history[-1]["loss"]}
+    return {"examples": len(examples), "final_loss": history[-1]["loss"]}
 
 
 def stage_rl(run: Run) -> dict[str, Any]:
@@ -231,7 +280,7 @@ def stage_rl(run: Run) -> dict[str, Any]:
 
 
 def stage_eval(run: Run) -> dict[str, Any]:
-    from memagent_jax.demo_eval import evaluate_policies
+    from memagent_jax.demo.evaluation import evaluate_policies
 
     results = evaluate_policies(run)
     run.path("eval").mkdir(parents=True, exist_ok=True)
@@ -240,13 +289,13 @@ def stage_eval(run: Run) -> dict[str, Any]:
 
 
 def stage_report(run: Run) -> dict[str, Any]:
-    from memagent_jax.demo_report import write_report
+    from memagent_jax.demo.report import write_report
 
     return write_report(run)
 
 
 STAGE_FNS: dict[str, Callable[[Run], dict[str, Any]]] = {
-    "tokenizer": stage_tokenizer, "data": stage_data, "sft": stage_sft, "rl": stage_rl,
+    "tokenizer": stage_tokenizer, "data": stage_data, "pretrain": stage_pretrain, "sft": stage_sft, "rl": stage_rl,
     "eval": stage_eval, "report": stage_report,
 }
 
@@ -275,13 +324,22 @@ def _check_config(run: Run) -> None:
 
 
 def run_demo(out_dir: str | Path = "runs/demo", fresh: bool = False, config: str | Path | None = "tiny",
-             overrides: list[str] | None = None) -> dict[str, Any]:
-    """Runs (or resumes) every stage into `out_dir`. Returns {"stages": {name: "ran"|"skipped"},
-    "summary": summary.json's content}."""
+             overrides: list[str] | None = None, *, from_scratch: bool = False, ship_base: bool = False,
+             until: str | None = None) -> dict[str, Any]:
+    """Runs (or resumes) the stages into `out_dir`, up to and including `until` (default: all).
+
+    `from_scratch` trains the tokenizer and the base model in the run instead of copying the
+    shipped ones; `ship_base` (with it) then replaces the shipped base with this run's. Returns
+    {"stages": {name: "ran"|"skipped"}, "summary": summary.json's content (None before report)}.
+    """
     from rich.console import Console
 
     console = Console(stderr=True)
-    cfg, demo = load_demo_config(config, overrides)
+    if until is not None and until not in STAGES:
+        raise ValueError(f"--until {until!r}: not a stage; stages are {', '.join(STAGES)}")
+    if ship_base and not from_scratch:
+        raise ValueError("--ship-base ships a base trained in this run: add --from-scratch")
+    cfg, demo = load_demo_config(config, [*(overrides or []), *(["demo.from_scratch=true"] if from_scratch else [])])
     root = Path(out_dir)
     if fresh and root.exists():
         shutil.rmtree(root)
@@ -305,6 +363,10 @@ def run_demo(out_dir: str | Path = "runs/demo", fresh: bool = False, config: str
         console.print(f"    {stage} done in {seconds:.1f}s")
         statuses[stage] = "ran"
         upstream_ran = True
+        if stage == "pretrain" and ship_base:
+            _ship(run, seconds, console)
+        if stage == until:
+            return {"stages": statuses, "summary": None}
     summary = json.loads(run.path("summary.json").read_text())
     seconds = run.stage_seconds()  # the report's own time is known only now
     summary["wall_time_s"] = {**{k: round(v, 1) for k, v in seconds.items()},
@@ -312,3 +374,21 @@ def run_demo(out_dir: str | Path = "runs/demo", fresh: bool = False, config: str
     run.path("summary.json").write_text(json.dumps(summary, indent=2))
     console.print(f"[bold green]demo finished:[/bold green] {run.path('report.md')}")
     return {"stages": statuses, "summary": summary}
+
+
+def _ship(run: Run, seconds: float, console: Any) -> None:
+    """Copies this run's tokenizer + base model into the package (memagent_jax/demo/base)."""
+    import datetime
+    import sys
+
+    from memagent_jax.demo import base
+    from memagent_jax.demo.report import machine
+
+    info = {"command": "memagent-jax " + " ".join(sys.argv[1:]) if sys.argv else "run_demo(ship_base=True)",
+            "seed": run.demo.seed, "pretrain_wall_time_s": round(seconds, 1), "machine": machine(),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "model": dataclasses.asdict(run.cfg.model),
+            "pretrain": {k: v for k, v in dataclasses.asdict(run.demo).items()
+                         if k.startswith("pretrain") or k in ("vocab_size", "num_keys", "seed")},
+            **json.loads(run.done_file("pretrain").read_text())}
+    console.print(f"    shipped the base model to {base.ship(run.root, info)}")
