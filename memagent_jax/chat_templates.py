@@ -52,6 +52,15 @@ CHATML_TEMPLATE: str = chatml_template(DEFAULT_SYSTEM_PROMPT)
 #: Qwen2.5-Instruct's format (without tool calling): Qwen's default system prompt, ChatML turns.
 QWEN2_5_TEMPLATE: str = chatml_template(QWEN_SYSTEM_PROMPT)
 
+#: No roles and no markers: the user message as is, the reply right after it (the tiny demo's
+#: tokenizer: its prompts end with the question, so the question's key is two tokens before the
+#: reply, which a 2-layer model copies with a previous-token head).
+PLAIN_TEMPLATE: str = (
+    "{%- for message in messages %}\n"
+    "    {{- message['content'] }}\n"
+    "{%- endfor %}\n"
+)
+
 #: Llama-3-Instruct's format: BOS once, header-wrapped turns with stripped content, `<|eot_id|>`.
 LLAMA3_TEMPLATE: str = (
     "{{- bos_token }}\n"

@@ -187,3 +187,24 @@ def test_demo_end_to_end_then_resume(tmp_path):
     (out / "eval" / "done.json").unlink()  # a lost stage re-runs, and so does everything after it
     partial = run_demo(out_dir=out, config=MICRO)
     assert partial["stages"] == {**{s: "skipped" for s in STAGES[:5]}, "eval": "ran", "report": "ran"}
+
+
+def test_default_demo_starts_from_the_shipped_base(tmp_path):
+    """Without --from-scratch the tokenizer and the base model are the shipped ones (with their
+    provenance), and the data and warm start build on them."""
+    from memagent_jax.demo import base
+    from memagent_jax.tokenizer import load_tokenizer
+
+    prov = base.provenance()
+    assert {"command", "seed", "pretrain_wall_time_s", "machine", "date"} <= set(prov)
+    out = tmp_path / "demo"
+    result = run_demo(out_dir=out, fresh=True, config=MICRO, overrides=["demo.from_scratch=false"], until="sft")
+    assert result["stages"] == {"tokenizer": "ran", "data": "ran", "pretrain": "ran", "sft": "ran"}
+    shipped, copied = load_tokenizer(base.BASE_DIR), load_tokenizer(out / "tokenizer")
+    text = "What is the secret code for people?"
+    assert copied.encode(text) == shipped.encode(text) and copied.vocab_size == shipped.vocab_size
+    assert (out / "pretrain" / "hf" / "model.safetensors").read_bytes() == (base.BASE_DIR / "model.safetensors").read_bytes()
+    assert json.loads((out / "pretrain" / "done.json").read_text())["date"] == prov["date"]
+    assert (out / "sft" / "hf" / "config.json").is_file()
+    with pytest.raises(ValueError, match="--from-scratch"):
+        run_demo(out_dir=tmp_path / "x", config=MICRO, ship_base=True)

@@ -29,6 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from memagent_jax.config import Config, apply_overrides, from_dict, load_yaml, save_config, to_dict
 
 STAGES = ("tokenizer", "data", "pretrain", "sft", "rl", "eval", "report")
@@ -44,14 +46,17 @@ class DemoSection:
     train_chunks: int = 3  # training length, in chunks of agent.chunk_size tokens
     min_distractors: int = 1
     max_distractors: int = 3
+    max_decoys: int = 3  # plain-word key mentions added to training documents (not evaluation ones)
     pretrain_docs: int = 4000  # documents of 1..pretrain_max_chunks chunks, every needle asked
     pretrain_max_chunks: int = 12
     pretrain_steps: int = 400
     pretrain_batch_size: int = 16
     pretrain_lr: float = 3e-3
+    pretrain_copy_share: float = 1.0  # repeated random spans per lookup document (induction heads)
     context_window: int = 384  # document tokens the full-context baseline reads (center-truncated)
     careless: float = 0.5  # fraction of warm-start documents from a careless teacher
     sft_docs: int = 2000
+    sft_max_chunks: int = 3  # warm-start documents have train_chunks..sft_max_chunks chunks
     sft_steps: int = 300
     sft_batch_size: int = 16
     sft_lr: float = 1e-3
@@ -135,6 +140,7 @@ def stage_tokenizer(run: Run) -> dict[str, Any]:
     from memagent_jax.agent.prompts import templates_from_config
     from memagent_jax.demo import base
     from memagent_jax.demo.task import tokenizer_corpus
+    from memagent_jax.chat_templates import PLAIN_TEMPLATE
     from memagent_jax.tokenizer import train_sentencepiece
 
     if not run.demo.from_scratch:
@@ -142,17 +148,19 @@ def stage_tokenizer(run: Run) -> dict[str, Any]:
 
     t = templates_from_config(run.cfg.agent)
     texts = tokenizer_corpus() + [t.memory_update, t.final, t.first_memory] * 20
-    tok = train_sentencepiece(texts, run.path("tokenizer"), run.demo.vocab_size)
+    tok = train_sentencepiece(texts, run.path("tokenizer"), run.demo.vocab_size, chat_template=PLAIN_TEMPLATE)
     return {"vocab_size": tok.vocab_size}
 
 
-def spec(run: Run, chunks: int, name: str) -> Any:
-    """The task's document spec at `chunks` chunks (`name` tags the documents' ids and seeds)."""
+def spec(run: Run, chunks: int, name: str, training: bool = True) -> Any:
+    """The task's document spec at `chunks` chunks (`name` tags the documents' ids and seeds);
+    training documents get up to `demo.max_decoys` plain-word key mentions."""
     from memagent_jax.demo.task import NeedleSpec
 
     d = run.demo
     return NeedleSpec(chunk_size=run.cfg.agent.chunk_size, num_chunks=chunks, min_distractors=d.min_distractors,
-                      max_distractors=d.max_distractors, num_keys=d.num_keys, name=name)
+                      max_distractors=d.max_distractors, num_keys=d.num_keys, name=name,
+                      max_decoys=d.max_decoys if training else 0)
 
 
 def stage_data(run: Run) -> dict[str, Any]:
@@ -160,18 +168,28 @@ def stage_data(run: Run) -> dict[str, Any]:
     from memagent_jax.tokenizer import load_tokenizer
 
     tok, d = load_tokenizer(run.path("tokenizer")), run.demo
-    train_jobs = [("sft", d.sft_docs, d.seed), ("rl", d.rl_docs, d.seed + 1)]
+    if d.sft_max_chunks < d.train_chunks:
+        raise ValueError(f"demo.sft_max_chunks={d.sft_max_chunks} must be >= demo.train_chunks={d.train_chunks}")
+    rng = np.random.default_rng([d.seed, 11])
+    sft_lengths = rng.integers(d.train_chunks, d.sft_max_chunks + 1, size=d.sft_docs)
+    train_jobs = [("sft", n, int((sft_lengths == n).sum()), d.seed) for n in range(d.train_chunks, d.sft_max_chunks + 1)]
+    train_jobs.append(("rl", d.train_chunks, d.rl_docs, d.seed + 1))
     eval_jobs = [(f"eval_{m}x", m) for m in d.eval_multiples]
-    bar = _bar(run, sum(j[1] for j in train_jobs) + d.eval_docs * len(eval_jobs), "data: documents", "doc")
-    counts, seen = {}, set()
-    for name, n, seed in train_jobs:
-        samples = T.generate(spec(run, d.train_chunks, name), tok, n, seed=seed, progress=bar.update)
+    bar = _bar(run, d.sft_docs + d.rl_docs + d.eval_docs * len(eval_jobs), "data: documents", "doc")
+    counts: dict[str, Any] = {}
+    seen: set[tuple] = set()
+    sets: dict[str, list] = {}
+    for name, chunks, n, seed in train_jobs:
+        samples = T.generate(spec(run, chunks, name), tok, n, seed=seed, progress=bar.update)
         seen |= {T.layout_key(s) for s in samples}
+        sets.setdefault(name, []).extend(samples)
+    for name, samples in sets.items():
+        samples = [samples[i] for i in rng.permutation(len(samples))]
         T.write_jsonl(samples, run.path("data", f"{name}.jsonl"))
-        counts[name] = {"docs": n, "chunks": d.train_chunks}
+        counts[name] = {"docs": len(samples), "chunks": sorted({s["num_chunks"] for s in samples})}
     # Unseen documents: a separate random stream, and no needle layout of a training document.
     for name, m in eval_jobs:
-        samples = T.generate(spec(run, d.train_chunks * m, "eval"), tok, d.eval_docs, seed=d.seed + 2,
+        samples = T.generate(spec(run, d.train_chunks * m, "eval", training=False), tok, d.eval_docs, seed=d.seed + 2,
                              exclude=seen, progress=bar.update)
         T.write_jsonl(samples, run.path("data", f"{name}.jsonl"))
         counts[name] = {"docs": d.eval_docs, "chunks": d.train_chunks * m,
@@ -226,7 +244,8 @@ def stage_pretrain(run: Run) -> dict[str, Any]:
     tok, d = load_tokenizer(run.path("tokenizer")), run.demo
     _, builder = agent_parts(run, tok, None)
     examples = lookup_corpus(tok, builder, num_docs=d.pretrain_docs, chunk_size=run.cfg.agent.chunk_size,
-                             max_chunks=d.pretrain_max_chunks, num_keys=d.num_keys, seed=d.seed + 3)
+                             max_chunks=d.pretrain_max_chunks, num_keys=d.num_keys, seed=d.seed + 3,
+                             max_decoys=d.max_decoys, copy_share=d.pretrain_copy_share)
     mcfg = random_model_config(run.cfg, tok.vocab_size)
     model = init_model(mcfg, seed=d.seed)
     settings = SFTSettings(steps=d.pretrain_steps, batch_size=d.pretrain_batch_size, lr=d.pretrain_lr,
@@ -245,7 +264,7 @@ def stage_sft(run: Run) -> dict[str, Any]:
     from memagent_jax.train_run import export_model
 
     tok, d = load_tokenizer(run.path("tokenizer")), run.demo
-    policy, builder = agent_parts(run, tok, d.train_chunks)
+    policy, builder = agent_parts(run, tok, d.sft_max_chunks)
     examples = teacher_transcripts(read_jsonl(run.path("data", "sft.jsonl")), policy=policy,
                                    builder=builder, tokenizer=tok, teacher=NeedleTeacher(d.careless))
     model = from_pretrained(run.path("pretrain", "hf"))

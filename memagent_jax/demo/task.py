@@ -16,6 +16,11 @@ follows that key in the section, which a tiny transformer learns in minutes (a v
 did not move from chance in our trials). The final answer restates the note and boxes the value
 ("school7 \\boxed{7}").
 
+Keys are ordinary essay words, so a long document also mentions them as plain words (and "disc"
+starts "discover"): a policy that notes a key wherever it sees the word fails there. Training
+documents may add such mentions on purpose (`max_decoys`, hard negatives); evaluation documents
+have only the essays' own.
+
 Documents are built in tokens of a given tokenizer to an exact number of `chunk_size`-token
 chunks (every chunk but the last is full), and no needle straddles a chunk boundary, so "the
 chunk that holds the fact" is well defined.
@@ -105,6 +110,7 @@ class NeedleSpec:
     max_distractors: int = 3
     num_keys: int = 8
     name: str = "train"
+    max_decoys: int = 0  # up to this many plain-word mentions of keys in the haystack (hard negatives)
 
     def __post_init__(self) -> None:
         if self.num_keys < self.max_distractors + 1:
@@ -171,9 +177,17 @@ def build_sample(spec: NeedleSpec, tokenizer: Encoder, rng: np.random.Generator,
     needle_tokens = sum(sizes)
     items: list[tuple[str, int, bool | None]] = []  # (text with leading space, tokens, needle?)
     total, pos = 0, start
+    # Decoys: key words as plain haystack words (half of them the question's key), never a needle.
+    n_decoys = int(rng.integers(0, spec.max_decoys + 1)) if spec.max_decoys else 0
+    decoy_at = sorted(rng.integers(1, max(2, target_tokens - needle_tokens), size=n_decoys).tolist())
+    decoy_keys = [key if rng.random() < 0.5 else keys[int(rng.integers(len(keys)))] for _ in range(n_decoys)]
     while total < target_tokens - needle_tokens:
-        w = (" " if items else "") + cycled(words, pos, 1)[0]  # no space before the first word
-        pos += 1
+        if decoy_at and total >= decoy_at[0]:
+            decoy_at.pop(0)
+            w = " " + decoy_keys.pop()
+        else:
+            w = (" " if items else "") + cycled(words, pos, 1)[0]  # no space before the first word
+            pos += 1
         items.append((w, count(w), None))
         total += items[-1][1]
 
