@@ -1,4 +1,4 @@
-"""The policy model: Qwen2/Llama decoder in Flax NNX, HF checkpoints in/out, mesh sharding."""
+"""The policy model: Qwen2/Qwen3/Llama decoder in Flax NNX, HF checkpoints in/out, mesh sharding."""
 
 from memagent_jax.models.hf import from_pretrained, save_pretrained
 from memagent_jax.models.model_config import ModelConfig

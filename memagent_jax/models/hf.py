@@ -36,6 +36,8 @@ _LAYER_KEYS = {
     "q_bias": ("self_attn.q_proj.bias", False),
     "k_bias": ("self_attn.k_proj.bias", False),
     "v_bias": ("self_attn.v_proj.bias", False),
+    "q_norm": ("self_attn.q_norm.weight", False),  # Qwen3: [head_dim], applied per head
+    "k_norm": ("self_attn.k_norm.weight", False),
     "gate_proj": ("mlp.gate_proj.weight", True),
     "up_proj": ("mlp.up_proj.weight", True),
     "down_proj": ("mlp.down_proj.weight", True),
@@ -160,7 +162,7 @@ def from_pretrained(
     rules: Rules = TRAIN_RULES,
     remat: str = "none",
 ) -> Decoder:
-    """Loads an HF Qwen2/Llama checkpoint directory as a Decoder with weights in `dtype`.
+    """Loads an HF Qwen2/Qwen3/Llama checkpoint directory as a Decoder with weights in `dtype`.
 
     With a mesh, each weight is created sharded by the rules table; without one, a 1-device mesh.
     """

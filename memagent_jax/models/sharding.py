@@ -27,7 +27,7 @@ TRAIN_RULES: dict[str, str | tuple[str, ...] | None] = {
     "embed": "fsdp",
     "heads": "tensor",
     "kv_heads": "tensor",
-    "head_dim": None,
+    "head_dim": None,  # also the Qwen3 q/k norm weights [layers, head_dim]: replicated
     "mlp": "tensor",
     "vocab": "tensor",
     "layers": None,

@@ -1,4 +1,4 @@
-"""Qwen2 / Llama family decoder in Flax NNX with scanned layers and a KV-cache aware forward.
+"""Qwen2 / Qwen3 / Llama family decoder in Flax NNX with scanned layers and a KV-cache aware forward.
 
 Layer weights are stacked along a leading `layers` axis and the forward runs one `lax.scan` over
 them (compile time independent of depth), with a configurable remat policy. Weights are stored
@@ -56,6 +56,11 @@ def param_logical_axes(config: ModelConfig) -> dict[str, tuple[str | None, ...]]
             "layers/k_bias": ("layers", "kv_heads"),
             "layers/v_bias": ("layers", "kv_heads"),
         })
+    if config.qk_norm:  # Qwen3: one RMSNorm weight over head_dim, shared by all heads
+        axes.update({
+            "layers/q_norm": ("layers", "head_dim"),
+            "layers/k_norm": ("layers", "head_dim"),
+        })
     if not config.tie_word_embeddings:
         axes["lm_head"] = ("embed", "vocab")
     return axes
@@ -72,6 +77,7 @@ def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         "layers/o_proj": (L, q, D),
         "layers/gate_proj": (L, D, F), "layers/up_proj": (L, D, F), "layers/down_proj": (L, F, D),
         "layers/q_bias": (L, q), "layers/k_bias": (L, kv), "layers/v_bias": (L, kv),
+        "layers/q_norm": (L, config.head_dim), "layers/k_norm": (L, config.head_dim),
         "lm_head": (D, V),
     }
     return {k: shapes[k] for k in param_logical_axes(config)}
@@ -185,7 +191,11 @@ def _remat(fn: Any, policy: str) -> Any:
 
 
 class Decoder(nnx.Module):
-    """A causal LM: embed -> scanned blocks (GQA attention + SwiGLU MLP) -> RMSNorm -> logits."""
+    """A causal LM: embed -> scanned blocks (GQA attention + SwiGLU MLP) -> RMSNorm -> logits.
+
+    Attention projects to num_heads * head_dim (which need not equal hidden_size), with q/k/v
+    bias (Qwen2) or per-head q/k RMSNorm (Qwen3) as the config says.
+    """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -255,8 +265,13 @@ class Decoder(nnx.Module):
             if cfg.qkv_bias:
                 q, k, v = (q + p["q_bias"].astype(dtype), k + p["k_bias"].astype(dtype),
                            v + p["v_bias"].astype(dtype))
-            q = apply_rope(q.reshape(B, T, cfg.num_heads, cfg.head_dim), positions, inv_freq)
-            k = apply_rope(k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim), positions, inv_freq)
+            q = q.reshape(B, T, cfg.num_heads, cfg.head_dim)
+            k = k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+            if cfg.qk_norm:  # Qwen3: per-head RMSNorm over head_dim, before RoPE
+                q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
+                k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
+            q = apply_rope(q, positions, inv_freq)
+            k = apply_rope(k, positions, inv_freq)
             v = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
             if ck is not None:
                 ck, cv = write_cache(ck, k, i, offset), write_cache(cv, v, i, offset)
