@@ -21,6 +21,7 @@ Train step (TRAIN_RULES layout; one micro-batch of r rows x W tokens per device,
     a_tok  = D*(4cb + 8) + (2H + 2K)*hd*cb/t + 4F*cb/t   bytes per token of one layer's
              intermediates (h, norm(h), h', norm(h') + 2 fp32 RMSNorm copies; q, attention
              output, k, v; gate, up, silu(gate), gate*up)
+             + (H + K)*hd*(cb + 4)/t with q/k norm (Qwen3: normed q, k + their fp32 copies)
     scores = r * (H/t) * W^2   elements of ONE layer's attention matrix: attention is not flash,
              the fp32 [B, K, G, T, S] scores exist in full
     saved by the layer scan, per remat policy:
@@ -80,6 +81,7 @@ _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # Shapes only (for planning without the checkpoint); load real models from an HF directory.
 _QWEN2 = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}
+_QWEN3 = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}
 KNOWN_SHAPES: dict[str, dict[str, Any]] = {
     "Qwen2.5-0.5B-Instruct": {**_QWEN2, "num_hidden_layers": 24, "hidden_size": 896,
                               "num_attention_heads": 14, "num_key_value_heads": 2,
@@ -93,6 +95,11 @@ KNOWN_SHAPES: dict[str, dict[str, Any]] = {
                              "num_attention_heads": 40, "num_key_value_heads": 8,
                              "intermediate_size": 13824, "vocab_size": 152064,
                              "tie_word_embeddings": False},
+    # Qwen3: head_dim 128 is set on its own (32 heads x 128 = 4096 != hidden 2560), q/k norm.
+    "Qwen3-4B": {**_QWEN3, "num_hidden_layers": 36, "hidden_size": 2560,
+                 "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+                 "intermediate_size": 9728, "vocab_size": 151936, "tie_word_embeddings": True,
+                 "rope_theta": 1000000.0, "max_position_embeddings": 40960},
 }
 
 
@@ -237,6 +244,8 @@ def activation_bytes(model: ModelConfig, rows: int, width: int, tensor: int, log
     tok = rows * width
     scores = rows * (H // t) * width * width
     a_tok = D * (4 * cb + 8) + hd * (2 * H + 2 * K) * cb // t + 4 * F * cb // t
+    if model.qk_norm:  # normed q and k, and the fp32 copies their RMSNorms make
+        a_tok += hd * (H + K) * (cb + 4) // t
     layer = tok * a_tok + scores * (10 + cb)
     saved = {
         "none": L * (tok * a_tok + scores * (8 + cb)),
@@ -420,7 +429,9 @@ def format_plan(report: PlanReport, max_suggestions: int = 5) -> str:
     d, f, t = report.mesh
     lines = [
         f"model {report.model_name}: {m.num_layers} layers, hidden {m.hidden_size}, heads "
-        f"{m.num_heads}/{m.num_kv_heads} kv, mlp {m.intermediate_size}, vocab {m.vocab_size}; "
+        f"{m.num_heads}/{m.num_kv_heads} kv"
+        f"{'' if m.head_dim * m.num_heads == m.hidden_size else f' x head_dim {m.head_dim}'}"
+        f"{', q/k norm' if m.qk_norm else ''}, mlp {m.intermediate_size}, vocab {m.vocab_size}; "
         f"params {m.param_dtype}, compute {m.dtype}, remat {m.remat}",
         f"{report.devices} devices x {report.hbm_gib:g} GiB; mesh data={d} fsdp={f} tensor={t}; "
         f"budget {fmt_gib(int((1 - HEADROOM) * report.hbm_gib * GIB))} GiB per device "

@@ -154,7 +154,8 @@ def test_model_shape_sources(tmp_path):
     # Hub name -> built-in shape by basename.
     name, m = resolve_model(_cfg(None, "model.path=Qwen/Qwen2.5-14B-Instruct"))
     assert name == "Qwen2.5-14B-Instruct" and (m.num_layers, m.hidden_size, m.num_kv_heads) == (48, 5120, 8)
-    assert set(KNOWN_SHAPES) == {"Qwen2.5-0.5B-Instruct", "Qwen2.5-7B-Instruct", "Qwen2.5-14B-Instruct"}
+    assert set(KNOWN_SHAPES) == {"Qwen2.5-0.5B-Instruct", "Qwen2.5-7B-Instruct", "Qwen2.5-14B-Instruct",
+                                 "Qwen3-4B"}
     assert resolve_model(_cfg(None, "model.path=x/qwen2.5-0.5b-instruct"))[1].tie_word_embeddings
     # A local directory's config.json wins over the basename.
     d = tmp_path / "Qwen2.5-7B-Instruct"
