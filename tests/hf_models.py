@@ -12,11 +12,21 @@ TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_lay
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 
 
+# Qwen3: head_dim 24 != hidden 64 / 4 heads, so q is 96 wide and o_proj maps 96 -> 64.
+QWEN3_HEAD_DIM = 24
+
+
 def make_hf_model(kind: str, **overrides: Any) -> transformers.PreTrainedModel:
-    """kind: 'qwen2' (untied, q/k/v bias), 'qwen2_tied', 'llama' (GQA, llama3 rope scaling)."""
-    torch.manual_seed({"qwen2": 0, "qwen2_tied": 1, "llama": 2}[kind])
+    """kind: 'qwen2' (untied, q/k/v bias), 'qwen2_tied', 'llama' (GQA, llama3 rope scaling),
+    'qwen3' (untied, q/k norm, head_dim 24), 'qwen3_tied'."""
+    torch.manual_seed({"qwen2": 0, "qwen2_tied": 1, "llama": 2, "qwen3": 3, "qwen3_tied": 4}[kind])
     kwargs = {**TINY, **overrides}
-    if kind.startswith("qwen2"):
+    if kind.startswith("qwen3"):
+        kwargs.setdefault("head_dim", QWEN3_HEAD_DIM)
+        cfg = transformers.Qwen3Config(**kwargs, rope_theta=1000000.0,
+                                       tie_word_embeddings=(kind == "qwen3_tied"))
+        model = transformers.Qwen3ForCausalLM(cfg)
+    elif kind.startswith("qwen2"):
         cfg = transformers.Qwen2Config(**kwargs, rope_theta=10000.0,
                                        tie_word_embeddings=(kind == "qwen2_tied"))
         model = transformers.Qwen2ForCausalLM(cfg)
