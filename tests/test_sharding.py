@@ -1,5 +1,5 @@
 """Sharding on 8 simulated CPU devices: sharded forward and sampler equal one device, weight
-layouts follow the rules table, bad meshes fail clearly.
+layouts follow the rules table, bad meshes fail clearly; for Qwen2 and (fewer checks) Qwen3.
 
 JAX fixes its device count at import, so the checks run in one subprocess
 (tests/multidevice/sharding_checks.py) with XLA_FLAGS set; each test below asserts one of the
@@ -23,6 +23,7 @@ SCRIPT = Path(__file__).resolve().parent / "multidevice" / "sharding_checks.py"
 CHECKS = [
     "forward_d1_f4_t2", "forward_d2_f4_t1", "param_specs_d1_f4_t2", "param_specs_d2_f4_t1",
     "sampler_d2_f2_t2", "sampler_d8", "bad_mesh_device_count", "bad_mesh_kv_heads",
+    "qwen3_forward_d1_f4_t2", "qwen3_param_specs_d1_f4_t2", "qwen3_sampler_d2_f2_t2",
 ]
 TINY_SHARDABLE = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2)
@@ -35,11 +36,13 @@ def multidevice_results(tmp_path_factory):
 
     ckpt = tmp_path_factory.mktemp("shardable")
     save_hf_model("qwen2", ckpt, **TINY_SHARDABLE)
+    qwen3 = tmp_path_factory.mktemp("shardable_qwen3")
+    save_hf_model("qwen3", qwen3, **TINY_SHARDABLE)  # head_dim 24, q/k norm
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") +
                          " --xla_force_host_platform_device_count=8").strip()}
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(ckpt)], env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(ckpt), str(qwen3)], env=env,
+                          capture_output=True, text=True, timeout=600)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         pytest.fail(f"multi-device script failed (rc={proc.returncode}):\n"

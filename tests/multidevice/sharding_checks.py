@@ -1,7 +1,9 @@
 """Multi-device checks on 8 simulated CPU devices; run by tests/test_sharding.py in a subprocess.
 
-Usage: XLA_FLAGS=--xla_force_host_platform_device_count=8 python sharding_checks.py CKPT_DIR
-CKPT_DIR is a tiny HF Qwen2 checkpoint (4 heads, 2 kv heads, hidden 64, mlp 128, vocab 128).
+Usage: XLA_FLAGS=--xla_force_host_platform_device_count=8 python sharding_checks.py CKPT_DIR [QWEN3_DIR]
+CKPT_DIR is a tiny HF Qwen2 checkpoint (4 heads, 2 kv heads, hidden 64, mlp 128, vocab 128);
+QWEN3_DIR, when given, a tiny Qwen3 one of the same shape with head_dim 24 and q/k norm, which
+gets a smaller set of checks (one forward mesh, its weight layouts, one sampler mesh).
 Each check runs independently; the last stdout line is one JSON object
 {check name: {"ok": bool, "error": traceback or null}}.
 """
@@ -28,7 +30,10 @@ from memagent_jax.models.sharding import (  # noqa: E402
 )
 from memagent_jax.models.transformer import param_logical_axes, param_shapes  # noqa: E402
 
-CKPT = Path(sys.argv[1])
+CKPTS = {"qwen2": Path(sys.argv[1])}
+if len(sys.argv) > 2:
+    CKPTS["qwen3"] = Path(sys.argv[2])
+CKPT = CKPTS["qwen2"]
 BATCH = 8
 FORWARD_MESHES = {"d1_f4_t2": MeshConfig(data=1, fsdp=4, tensor=2),
                   "d2_f4_t1": MeshConfig(data=2, fsdp=4, tensor=1)}
@@ -49,36 +54,47 @@ def _forward(model: nnx.Module, ids: jax.Array) -> np.ndarray:
     return np.asarray(fwd(state, ids))
 
 
-def _mesh_model(name: str) -> tuple[jax.sharding.Mesh, nnx.Module]:
+def _mesh_model(name: str, arch: str = "qwen2") -> tuple[jax.sharding.Mesh, nnx.Module]:
     mesh = make_mesh(FORWARD_MESHES[name])
-    return mesh, models.from_pretrained(CKPT, mesh=mesh)
+    return mesh, models.from_pretrained(CKPTS[arch], mesh=mesh)
 
 
 IDS = np.random.default_rng(0).integers(0, 128, size=(BATCH, 24)).astype(np.int32)
-_single = models.from_pretrained(CKPT, mesh=make_mesh(devices=jax.devices()[:1]))
-_loaded: dict[str, tuple] = {}
+_singles: dict[str, nnx.Module] = {}
+_loaded: dict[tuple[str, str], tuple] = {}
 
 
-def _cached(name: str) -> tuple:
-    if name not in _loaded:
-        _loaded[name] = _mesh_model(name)
-    return _loaded[name]
+def _single_model(arch: str = "qwen2") -> nnx.Module:
+    """The checkpoint on one device: the reference of every sharded result."""
+    if arch not in _singles:
+        _singles[arch] = models.from_pretrained(CKPTS[arch],
+                                                mesh=make_mesh(devices=jax.devices()[:1]))
+    return _singles[arch]
 
 
-def check_forward(name: str) -> None:
+_single = _single_model()
+
+
+def _cached(name: str, arch: str = "qwen2") -> tuple:
+    if (arch, name) not in _loaded:
+        _loaded[(arch, name)] = _mesh_model(name, arch)
+    return _loaded[(arch, name)]
+
+
+def check_forward(name: str, arch: str = "qwen2") -> None:
     """Sharded forward (batch over data x fsdp, weights by TRAIN_RULES) == 1-device forward."""
-    mesh, model = _cached(name)
+    mesh, model = _cached(name, arch)
     ids = jax.device_put(IDS, batch_sharding(mesh))
     assert _padded(ids.sharding.spec, 2) == (("data", "fsdp"), None), ids.sharding.spec
     assert len(ids.addressable_shards) == 8
     got = _forward(model, ids)
-    want = _forward(_single, jnp.asarray(IDS))
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, err_msg=f"mesh {name}")
+    want = _forward(_single_model(arch), jnp.asarray(IDS))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, err_msg=f"{arch} mesh {name}")
 
 
-def check_param_specs(name: str) -> None:
+def check_param_specs(name: str, arch: str = "qwen2") -> None:
     """Every weight's NamedSharding is what TRAIN_RULES implies; shard shapes match."""
-    mesh, model = _cached(name)
+    mesh, model = _cached(name, arch)
     cfg = model.config
     _, state = nnx.split(model)
     values = {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(state)}
@@ -104,16 +120,23 @@ def check_param_specs(name: str) -> None:
     # The sampler's layout drops fsdp from weights.
     dec = param_shardings(cfg, mesh, DECODE_RULES)["layers/q_proj"]
     assert _padded(dec.spec, 3) == (None, None, "tensor"), dec.spec
+    if cfg.qk_norm:  # Qwen3's q/k norm weights [layers, head_dim] are replicated, whole
+        for path in ("layers/q_norm", "layers/k_norm"):
+            arr = values[path]
+            assert _padded(arr.sharding.spec, 2) == (None, None), (path, arr.sharding.spec)
+            assert all(s.data.shape == (cfg.num_layers, cfg.head_dim)
+                       for s in arr.addressable_shards)
 
 
-def check_sampler(name: str) -> None:
+def check_sampler(name: str, arch: str = "qwen2") -> None:
     """Greedy and seeded temperature-1 sampling on the mesh == single device, token for token."""
     mesh = make_mesh(SAMPLER_MESHES[name])
+    single = _single_model(arch)
     rng = np.random.default_rng(1)
     prompts = [rng.integers(3, 128, size=n).tolist() for n in PROMPT_LENS]
     for kw in (dict(temperature=0.0), dict(temperature=1.0, seed=7)):
-        ref = sampler.generate(_single, prompts, max_new_tokens=10, **kw)
-        out = sampler.generate(_single, prompts, max_new_tokens=10, mesh=mesh, **kw)
+        ref = sampler.generate(single, prompts, max_new_tokens=10, **kw)
+        out = sampler.generate(single, prompts, max_new_tokens=10, mesh=mesh, **kw)
         assert out.tokens == ref.tokens, f"{kw}: {out.tokens} != {ref.tokens}"
         assert out.finish_reasons == ref.finish_reasons
         np.testing.assert_allclose(np.concatenate(out.logps), np.concatenate(ref.logps), atol=1e-4)
@@ -149,6 +172,12 @@ CHECKS = {
     "bad_mesh_device_count": check_bad_mesh_device_count,
     "bad_mesh_kv_heads": check_bad_mesh_kv_heads,
 }
+if "qwen3" in CKPTS:  # a small parameterization: one mesh per kind of check
+    CHECKS.update({
+        "qwen3_forward_d1_f4_t2": lambda: check_forward("d1_f4_t2", "qwen3"),
+        "qwen3_param_specs_d1_f4_t2": lambda: check_param_specs("d1_f4_t2", "qwen3"),
+        "qwen3_sampler_d2_f2_t2": lambda: check_sampler("d2_f2_t2", "qwen3"),
+    })
 
 if __name__ == "__main__":
     assert jax.device_count() == 8, f"expected 8 simulated devices, got {jax.devices()}"
