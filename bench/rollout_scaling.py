@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     import jax
 
     from memagent_jax.agent.memory import make_policy
-    from memagent_jax.agent.prompts import PromptBuilder, templates_from_config
+    from memagent_jax.agent.prompts import builder_from_config
     from memagent_jax.agent.rollout import rollout, sampler_generate_fn
     from memagent_jax.demo import task as nk
     from memagent_jax.demo import load_demo_config
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     model, tok, weights = load_policy(args, cfg)
     policy = make_policy("overwrite", chunk_size=a.chunk_size, max_chunks=None,
                          max_memory_tokens=a.max_memory_tokens)
-    builder = PromptBuilder(tok, templates_from_config(a))
+    builder = builder_from_config(tok, a)
     gen = sampler_generate_fn(model, tok, temperature=0.0, max_prompt_len=model.config.max_position_embeddings)
     gen_kwargs = dict(max_memory_new_tokens=a.max_memory_tokens, max_final_new_tokens=a.max_final_new_tokens,
                       seed=args.seed)

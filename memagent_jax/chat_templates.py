@@ -73,3 +73,48 @@ LLAMA3_TEMPLATE: str = (
     "    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n"
     "{%- endif %}\n"
 )
+
+#: Qwen3's chat format (without tool calling), written for this project. No default system prompt.
+#: An assistant turn's thinking is its `reasoning_content`, or the `<think>...</think>` block at the
+#: start of its content; it is rendered (as `<think>\n...\n</think>\n\n` before the content) only
+#: for assistant turns after the last user message, and dropped from earlier turns. With
+#: `enable_thinking=False` the generation prompt ends in an empty think block, which tells the model
+#: to answer without thinking; unset or true leaves the choice to the model.
+QWEN3_TEMPLATE: str = (
+    "{%- set ns = namespace(last_user=-1) %}\n"
+    "{%- for message in messages %}\n"
+    "    {%- if message['role'] == 'user' %}\n"
+    "        {%- set ns.last_user = loop.index0 %}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+    "{%- for message in messages %}\n"
+    "    {%- set content = message['content'] if message['content'] is string else '' %}\n"
+    "    {%- if message['role'] == 'assistant' %}\n"
+    "        {%- if message['reasoning_content'] is string %}\n"
+    "            {%- set thinking = message['reasoning_content'] %}\n"
+    "        {%- elif '</think>' in content %}\n"
+    "            {%- set thinking = content.split('</think>')[0].rstrip('\\n')"
+    ".split('<think>')[-1].lstrip('\\n') %}\n"
+    "            {%- set content = content.split('</think>')[-1].lstrip('\\n') %}\n"
+    "        {%- else %}\n"
+    "            {%- set thinking = '' %}\n"
+    "        {%- endif %}\n"
+    "        {{- '<|im_start|>assistant\\n' }}\n"
+    "        {%- if loop.index0 > ns.last_user and (loop.last or thinking) %}\n"
+    "            {{- '<think>\\n' + thinking.strip('\\n') + '\\n</think>\\n\\n'"
+    " + content.lstrip('\\n') }}\n"
+    "        {%- else %}\n"
+    "            {{- content }}\n"
+    "        {%- endif %}\n"
+    "        {{- '<|im_end|>\\n' }}\n"
+    "    {%- else %}\n"
+    "        {{- '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' }}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|im_start|>assistant\\n' }}\n"
+    "    {%- if enable_thinking is defined and enable_thinking is false %}\n"
+    "        {{- '<think>\\n\\n</think>\\n\\n' }}\n"
+    "    {%- endif %}\n"
+    "{%- endif %}\n"
+)

@@ -51,7 +51,8 @@ def _cmd_answer(args: argparse.Namespace) -> int:
     if args.policy == "overwrite":
         kwargs = dict(chunk_size=args.chunk_size, max_chunks=None, max_memory_tokens=args.max_memory_tokens)
     policy = make_policy(args.policy, **kwargs)
-    builder = PromptBuilder(tokenizer, PromptTemplates.for_style(args.final_style))
+    builder = PromptBuilder(tokenizer, PromptTemplates.for_style(args.final_style),
+                            enable_thinking=args.enable_thinking)
     generate_fn = sampler_generate_fn(model, tokenizer, temperature=args.temperature,
                                       top_p=args.top_p, max_prompt_len=model.config.max_position_embeddings)
     bar = tqdm(desc="reading chunks", unit="chunk", file=sys.stderr)
@@ -149,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-answer-tokens", type=int, default=1024)
     a.add_argument("--question-budget", type=int, default=1024)
     a.add_argument("--final-style", default="boxed", choices=["boxed", "answer_is"])
+    a.add_argument("--enable-thinking", action="store_true",
+                   help="let a Qwen3 model think (default: non-thinking prompts); thinking is "
+                        "never kept in the memory")
     a.add_argument("--temperature", type=float, default=0.0)
     a.add_argument("--top-p", type=float, default=1.0)
     a.add_argument("--seed", type=int, default=0)

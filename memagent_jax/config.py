@@ -57,6 +57,10 @@ class AgentSection:
     first_memory: str = ""
     question_budget: int = 1024
     max_final_new_tokens: int = 1024
+    # Passed to the chat template (Qwen3): false renders non-thinking prompts (an empty think block
+    # after the generation prompt). Either way the overwrite policy cuts any <think>...</think>
+    # block from a reply before it becomes the memory.
+    enable_thinking: bool = False
 
 
 @dataclasses.dataclass

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from memagent_jax.agent.memory import FullContextPolicy, MemoryPolicy, make_policy
-from memagent_jax.agent.prompts import PromptBuilder, templates_from_config
+from memagent_jax.agent.prompts import PromptBuilder, builder_from_config
 from memagent_jax.agent.rollout import GenerateFn, rollout, sampler_generate_fn
 from memagent_jax.config import AgentSection
 from memagent_jax.data import hotpotqa, ruler_synthetic
@@ -325,7 +325,7 @@ def evaluate(
     results["settings"]["baselines"] = list(dict.fromkeys([*results["settings"].get("baselines", []),
                                                            *[b for b in baselines if b != agent.policy]]))
 
-    builder = PromptBuilder(tokenizer, templates_from_config(agent))
+    builder = builder_from_config(tokenizer, agent)
     gen = dict(max_memory_new_tokens=agent.max_memory_tokens, max_final_new_tokens=agent.max_final_new_tokens,
                temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     items = hotpotqa.load_hotpotqa(hotpotqa_path) if HOTPOTQA in tasks else None
@@ -414,6 +414,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     a("--max-final-new-tokens", type=int, default=1024, help="answer generation budget")
     a("--final-style", default="boxed", choices=["boxed", "answer_is"])
     a("--question-budget", type=int, default=1024)
+    a("--enable-thinking", action="store_true",
+      help="let a Qwen3 model think (default: non-thinking prompts); thinking is never kept in the memory")
     a("--hotpotqa", default=None, help="HotpotQA distractor-format JSON (required for task hotpotqa)")
     a("--squad", default=None, help="SQuAD v1.1 JSON (required for task qa_1)")
     a("--baselines", default="full_context", help="comma-separated baseline policies ('none' for none)")
@@ -436,7 +438,7 @@ def run_eval_cli(args: argparse.Namespace) -> dict[str, Any]:
     model = from_pretrained(args.model, dtype=dtype)
     agent = AgentSection(policy=args.policy, chunk_size=args.chunk_size, max_memory_tokens=args.max_memory_tokens,
                          max_final_new_tokens=args.max_final_new_tokens, final_style=args.final_style,
-                         question_budget=args.question_budget)
+                         question_budget=args.question_budget, enable_thinking=args.enable_thinking)
     results = evaluate(model, tokenizer, tasks=tasks, lengths=lengths, num_samples=args.num_samples,
                        out_dir=args.out, agent=agent, temperature=args.temperature, top_p=args.top_p,
                        top_k=args.top_k, seed=args.seed, baselines=_names(args.baselines),

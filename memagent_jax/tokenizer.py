@@ -29,7 +29,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # Re-exported: tests and configs import the templates from here.
 from memagent_jax.chat_templates import (CHATML_TEMPLATE, DEFAULT_SYSTEM_PROMPT,  # noqa: F401
-                                         LLAMA3_TEMPLATE, QWEN2_5_TEMPLATE, chatml_template)
+                                         LLAMA3_TEMPLATE, QWEN2_5_TEMPLATE, QWEN3_TEMPLATE,
+                                         chatml_template)
 
 Message = dict[str, Any]
 
@@ -58,11 +59,11 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
 
-    def apply_chat_template(self, messages: list[Message],
-                            add_generation_prompt: bool = True) -> str: ...
+    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True,
+                            **template_kwargs: Any) -> str: ...
 
-    def encode_chat(self, messages: list[Message],
-                    add_generation_prompt: bool = True) -> list[int]: ...
+    def encode_chat(self, messages: list[Message], add_generation_prompt: bool = True,
+                    **template_kwargs: Any) -> list[int]: ...
 
 
 # ----------------------------------------------------------------------------- chat templates
@@ -180,20 +181,26 @@ class _ChatMixin:
     encode: Any  # (text) -> ids, defined by the tokenizer class
     token_to_id: Any  # (token) -> id | None, defined by the tokenizer class
 
-    def apply_chat_template(self, messages: list[Message],
-                            add_generation_prompt: bool = True) -> str:
-        """The rendered prompt text (what transformers returns with tokenize=False)."""
+    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True,
+                            **template_kwargs: Any) -> str:
+        """The rendered prompt text (what transformers returns with tokenize=False).
+
+        `template_kwargs` become template variables, as extra keyword arguments do in transformers
+        (e.g. `enable_thinking=False` for Qwen3's template); templates ignore the ones they lack.
+        """
         if self.chat_template is None:
             raise ValueError(f"The tokenizer in {self.source_dir} has no chat template: add "
                              "'chat_template' to tokenizer_config.json or a chat_template.jinja "
                              "file.")
         return render_chat_template(self.chat_template, messages,
                                     add_generation_prompt=add_generation_prompt,
-                                    special_tokens=self.special_tokens_map)
+                                    special_tokens=self.special_tokens_map, **template_kwargs)
 
-    def encode_chat(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[Message], add_generation_prompt: bool = True,
+                    **template_kwargs: Any) -> list[int]:
         """Token ids of the rendered prompt; no BOS/EOS beyond what the template writes."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt,
+                                                    **template_kwargs))
 
     def _resolve_eos_pad(self, fallback_eos: Sequence[int]) -> None:
         """Set eos_id, eos_ids, pad_id: chat-end token first, then eos_token, then config files."""

@@ -41,11 +41,13 @@ class CharTokenizer:
                 out.append(chr(i - len(SPECIALS)))
         return "".join(out)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                            **template_kwargs) -> str:
         if not messages or messages[0]["role"] != "system":
             messages = [{"role": "system", "content": SYSTEM_PROMPT}, *messages]
         text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
         return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
-    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                    **template_kwargs) -> list[int]:
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **template_kwargs))

@@ -177,6 +177,45 @@ def test_memory_strip_and_cap():
     assert res.stats["memory_capped"] == 3 and "<memory>\nnotes\n</memory>" in gen.prompt_texts(3)[0]
 
 
+def test_thinking_never_reaches_the_memory():
+    """The overwrite policy cuts <think>...</think> from a reply (text path: the char tokenizer has
+    no single-token markers); the trained conversation keeps the whole reply."""
+    upd = OverwritePolicy(max_memory_tokens=100).update
+    for reply, memory in [("<think>\nwhich fact?\n</think>\n\nthe key is 7", "the key is 7"),
+                          ("<think>a</think>x<think>b</think> y", "y"),  # the last block ends it
+                          ("no thinking here", "no thinking here"),
+                          ("kept <think>ran out of tokens while thin", "kept")]:
+        assert upd([], TOK.encode(reply) + [EOS], TOK) == (TOK.encode(memory), False), reply
+
+    class Thinking(Scripted):
+        def __call__(self, prompts, **kw):
+            out = super().__call__(prompts, **kw)
+            tokens = [TOK.encode("<think>\nhmm\n</think>\n\n") + t for t in out.tokens]
+            return SampleOutput(tokens=tokens, logps=[[0.0] * len(t) for t in tokens],
+                                finish_reasons=out.finish_reasons)
+
+    gen = Thinking()
+    res = rollout([SAMPLE], policy=OverwritePolicy(chunk_size=4), builder=PromptBuilder(TOK),
+                  tokenizer=TOK, generate_fn=gen, gen_kwargs={"max_memory_new_tokens": 50,
+                                                              "max_final_new_tokens": 60})
+    assert res.trajectories[0].memories == ["notes:abcd", "notes:efgh", "notes:ij"]
+    assert TOK.decode(res.conversations[0].response).startswith("<think>\nhmm\n</think>")
+
+
+def test_prompt_builder_passes_enable_thinking():
+    seen = []
+
+    class Recording(CharTokenizer):
+        def apply_chat_template(self, messages, add_generation_prompt=True, **kwargs):
+            seen.append(kwargs)
+            return super().apply_chat_template(messages, add_generation_prompt)
+
+    PromptBuilder(Recording())
+    PromptBuilder(Recording(), enable_thinking=True)
+    PromptBuilder(Recording(), enable_thinking=None)
+    assert seen == [{"enable_thinking": False}] * 2 + [{"enable_thinking": True}] * 2 + [{}] * 2
+
+
 def test_length_finish_reason_is_recorded():
     res, _ = run([SAMPLE], gen_kwargs={"max_memory_new_tokens": 6, "max_final_new_tokens": 60})
     assert [c.finish_reason for c in res.conversations] == ["length"] * 3 + ["eos"]

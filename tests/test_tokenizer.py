@@ -52,9 +52,12 @@ CONVERSATIONS = {
 
 
 def _write_hf_dir(path: Path, specials: list[str], config: dict, *, bos: str | None = None,
-                  generation_eos: list[str] | None = None) -> Path:
-    """Train a tiny byte-level BPE (specials appended after the merges, as in Qwen) and save it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+                  generation_eos: list[str] | None = None, added: list[str] = ()) -> Path:
+    """Train a tiny byte-level BPE (specials appended after the merges, as in Qwen) and save it.
+
+    `added` are non-special added tokens (Qwen3's <think> and </think>).
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -63,6 +66,7 @@ def _write_hf_dir(path: Path, specials: list[str], config: dict, *, bos: str | N
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS, trainer)
     tok.add_special_tokens(specials)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
     if bos is not None:  # like Llama-3: the post-processor prepends BOS when asked to
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
@@ -309,3 +313,79 @@ def test_save_tokenizer(hf_dirs, sp_tok, tmp_path):
         conv = CONVERSATIONS["multi_turn"]
         assert again.encode_chat(conv) == tok.encode_chat(conv)
     assert (tmp_path / "qwen" / "generation_config.json").is_file()
+
+
+# ----------------------------------------------------------------------------- Qwen3 thinking
+
+QWEN3_CONVERSATIONS = {
+    **CONVERSATIONS,
+    "thinking_history": [
+        {"role": "user", "content": "First?"},
+        {"role": "assistant", "content": "<think>\nold thoughts\n</think>\n\nOne."},
+        {"role": "user", "content": "Second?"},
+        {"role": "assistant", "content": "<think>\nnew thoughts\n</think>\n\nTwo."},
+    ],
+    "reasoning_field": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Why?"},
+        {"role": "assistant", "content": "Because.", "reasoning_content": "\nsome reason\n"},
+        {"role": "assistant", "content": "\nAlso this."},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def qwen3_dir(tmp_path_factory) -> Path:
+    return _write_hf_dir(tmp_path_factory.mktemp("hf") / "qwen3", QWEN_SPECIALS,
+                         {"chat_template": mt.QWEN3_TEMPLATE, "eos_token": "<|im_end|>",
+                          "pad_token": "<|endoftext|>", "bos_token": None},
+                         added=["<think>", "</think>"])
+
+
+@pytest.mark.parametrize("conv", sorted(QWEN3_CONVERSATIONS))
+@pytest.mark.parametrize("gen", [True, False])
+@pytest.mark.parametrize("thinking", [None, True, False])
+def test_qwen3_template_thinking_matches_transformers(qwen3_dir, conv, gen, thinking):
+    """enable_thinking reaches the template as in transformers (None: not passed at all)."""
+    from transformers import AutoTokenizer
+
+    ours, ref = mt.load_tokenizer(qwen3_dir), AutoTokenizer.from_pretrained(str(qwen3_dir))
+    messages, kwargs = QWEN3_CONVERSATIONS[conv], ({} if thinking is None else {"enable_thinking": thinking})
+    text = ours.apply_chat_template(messages, add_generation_prompt=gen, **kwargs)
+    assert text == ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen, **kwargs)
+    assert ours.encode_chat(messages, gen, **kwargs) == ref.apply_chat_template(
+        messages, add_generation_prompt=gen, return_dict=False, **kwargs)
+    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n") == (gen and thinking is False)
+
+
+def test_qwen3_template_format(qwen3_dir):
+    tok = mt.load_tokenizer(qwen3_dir)
+    assert tok.apply_chat_template(QWEN3_CONVERSATIONS["thinking_history"], add_generation_prompt=False) == (
+        "<|im_start|>user\nFirst?<|im_end|>\n<|im_start|>assistant\nOne.<|im_end|>\n"  # old thinking dropped
+        "<|im_start|>user\nSecond?<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\nnew thoughts\n</think>\n\nTwo.<|im_end|>\n")
+    assert tok.apply_chat_template(CONVERSATIONS["user"], enable_thinking=False) == (
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_memory_workflow_renders_non_thinking_and_strips_thinking(qwen3_dir):
+    """Default memory prompts are non-thinking; a thinking reply is cut on ids (single-token
+    markers) before it becomes the memory."""
+    from memagent_jax.agent import OverwritePolicy, PromptBuilder
+
+    tok = mt.load_tokenizer(qwen3_dir)
+    default, thinking = PromptBuilder(tok), PromptBuilder(tok, enable_thinking=True)
+    q, m, c = tok.encode("Q?"), tok.encode("none"), tok.encode("some text")
+    assert tok.decode(default.memory_prompt(q, m, c), skip_special_tokens=False).endswith(
+        "Updated memory:<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert tok.decode(thinking.final_prompt(q, m), skip_special_tokens=False).endswith(
+        "Your answer:<|im_end|>\n<|im_start|>assistant\n")
+    open_id, close_id = tok.token_to_id("<think>"), tok.token_to_id("</think>")
+    assert open_id is not None and close_id is not None
+    reply = tok.encode("<think>\nThe section says 7.\n</think>\n\nThe key is 7.") + [tok.eos_id]
+    assert close_id in reply
+    memory, capped = OverwritePolicy(max_memory_tokens=64).update([], reply, tok)
+    assert tok.decode(memory) == "The key is 7." and not capped
+    cut = tok.encode("Kept. <think>\nstill thinking")
+    assert tok.decode(OverwritePolicy().update([], cut, tok)[0]) == "Kept."

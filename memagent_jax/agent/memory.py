@@ -4,7 +4,9 @@ A policy is any object with the five methods of `MemoryPolicy` (duck typed). Bui
 registered by name; research forks either register their own class with `@register_policy(name)`
 or name it in config as "module.path:ClassName" (`make_policy` imports it).
 
-- `overwrite` (MemAgent): token chunks of `chunk_size`; the reply replaces the memory.
+- `overwrite` (MemAgent): token chunks of `chunk_size`; the reply replaces the memory. A thinking
+  block (`<think>...</think>`, Qwen3 in thinking mode) is cut from the reply first: the memory
+  holds the updated memory only (the trained conversation keeps the whole reply).
 - `full_context` (baseline): no memory turns; the whole (center-truncated) document is placed in
   the memory slot of the final prompt, so the answer format and verifier stay the same as MemAgent's.
 """
@@ -68,10 +70,57 @@ def chunk_ids(ids: Sequence[int], chunk_size: int) -> list[list[int]]:
     return [list(ids[i : i + chunk_size]) for i in range(0, len(ids), chunk_size)]
 
 
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def _marker_id(tokenizer: Any, marker: str) -> int | None:
+    """The id of `marker` when the tokenizer has it as one token (Qwen3), else None."""
+    token_to_id = getattr(tokenizer, "token_to_id", None)
+    return token_to_id(marker) if callable(token_to_id) else None
+
+
+def _without_thinking_text(text: str) -> str:
+    """`text` without its thinking: what follows the last `</think>` (leading whitespace dropped),
+    else what precedes an unclosed `<think>` (the reply ran out of tokens while thinking)."""
+    if THINK_CLOSE in text:
+        return text.rsplit(THINK_CLOSE, 1)[1].lstrip()
+    return text.split(THINK_OPEN, 1)[0].rstrip()
+
+
+def strip_thinking(ids: Sequence[int], tokenizer: Any) -> list[int]:
+    """`ids` without a `<think>...</think>` block, so the memory never holds a model's thinking.
+
+    Keeps what follows the last `</think>` (whitespace-only tokens right after it dropped), or,
+    when a `<think>` is never closed, what precedes it. Works on ids when both markers are single
+    tokens of the tokenizer (Qwen3); otherwise a reply whose text holds a marker is decoded,
+    cut and re-encoded (replies without markers are returned as they are).
+    """
+    ids = [int(t) for t in ids]
+    open_id, close_id = _marker_id(tokenizer, THINK_OPEN), _marker_id(tokenizer, THINK_CLOSE)
+    if open_id is not None and close_id is not None:
+        if close_id in ids:
+            rest = ids[len(ids) - ids[::-1].index(close_id):]
+            while rest and not tokenizer.decode(rest[:1]).strip():
+                rest = rest[1:]
+            return rest
+        if open_id in ids:
+            head = ids[:ids.index(open_id)]
+            while head and not tokenizer.decode(head[-1:]).strip():
+                head = head[:-1]
+            return head
+        return ids
+    text = tokenizer.decode(ids)
+    if THINK_OPEN not in text and THINK_CLOSE not in text:
+        return ids
+    return list(tokenizer.encode(_without_thinking_text(text)))
+
+
 def strip_reply(reply_ids: Sequence[int], tokenizer: Any) -> list[int]:
-    """Drop pad and EOS ids, and ids the tokenizer does not know (MemAgent issue #25)."""
+    """A reply as the next memory: drop pad and EOS ids, ids the tokenizer does not know (MemAgent
+    issue #25), and any thinking block (`strip_thinking`)."""
     drop = {tokenizer.pad_id, tokenizer.eos_id, *tokenizer.eos_ids}
-    return [int(t) for t in reply_ids if t not in drop and 0 <= t < tokenizer.vocab_size]
+    kept = [int(t) for t in reply_ids if t not in drop and 0 <= t < tokenizer.vocab_size]
+    return strip_thinking(kept, tokenizer)
 
 
 # ----------------------------------------------------------------------------- registry

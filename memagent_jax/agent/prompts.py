@@ -121,8 +121,12 @@ class SplicedTemplate:
         return "".join(parts)
 
 
-def splice_template(tokenizer: Any, template: str, required: Sequence[str], name: str) -> SplicedTemplate:
-    """Render `template` as one user message through the chat template and cut it at the slots."""
+def splice_template(tokenizer: Any, template: str, required: Sequence[str], name: str,
+                    chat_template_kwargs: Mapping[str, Any] | None = None) -> SplicedTemplate:
+    """Render `template` as one user message through the chat template and cut it at the slots.
+
+    `chat_template_kwargs` (e.g. enable_thinking) go to `tokenizer.apply_chat_template`.
+    """
     missing = [s for s in required if "{" + s + "}" not in template]
     if missing:
         raise ValueError(f"prompt template {name!r} lacks placeholder(s) {['{' + s + '}' for s in missing]}")
@@ -131,7 +135,8 @@ def splice_template(tokenizer: Any, template: str, required: Sequence[str], name
         if _sentinel(slot) in template:
             raise ValueError(f"prompt template {name!r} contains the reserved string {_sentinel(slot)!r}")
         content = content.replace("{" + slot + "}", _sentinel(slot))
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                             **dict(chat_template_kwargs or {}))
     parts = re.split("(" + "|".join(re.escape(_sentinel(s)) for s in SLOTS) + ")", rendered)
     by_sentinel = {_sentinel(s): s for s in SLOTS}
     text_pieces, slots = tuple(parts[0::2]), tuple(by_sentinel[p] for p in parts[1::2])
@@ -143,15 +148,26 @@ def splice_template(tokenizer: Any, template: str, required: Sequence[str], name
 
 
 class PromptBuilder:
-    """Builds chat-formatted prompt ids for memory turns and the final turn by token splicing."""
+    """Builds chat-formatted prompt ids for memory turns and the final turn by token splicing.
 
-    def __init__(self, tokenizer: Any, templates: PromptTemplates | None = None) -> None:
+    `enable_thinking` is passed to the chat template (Qwen3's template reads it; others ignore
+    it). The default False renders Qwen3 prompts in non-thinking mode (an empty think block after
+    the generation prompt), so memory replies are the memory itself; True lets the model think,
+    and the overwrite policy still cuts the thinking from each reply (`memory.strip_thinking`).
+    None passes nothing (for tokenizers whose `apply_chat_template` takes no extra arguments).
+    """
+
+    def __init__(self, tokenizer: Any, templates: PromptTemplates | None = None, *,
+                 enable_thinking: bool | None = False) -> None:
         self.tokenizer = tokenizer
         self.templates = templates if templates is not None else PromptTemplates()
+        self.enable_thinking = enable_thinking
+        kwargs = {} if enable_thinking is None else {"enable_thinking": bool(enable_thinking)}
         self.memory_template = splice_template(
-            tokenizer, self.templates.memory_update, ("prompt", "memory", "chunk"), "memory_update"
+            tokenizer, self.templates.memory_update, ("prompt", "memory", "chunk"), "memory_update", kwargs
         )
-        self.final_template = splice_template(tokenizer, self.templates.final, ("prompt", "memory"), "final")
+        self.final_template = splice_template(tokenizer, self.templates.final, ("prompt", "memory"), "final",
+                                              kwargs)
         self.first_memory_ids: list[int] = list(tokenizer.encode(self.templates.first_memory))
 
     def memory_prompt(
@@ -171,6 +187,12 @@ class PromptBuilder:
     def final_prompt_text(self, question: str, memory: str) -> str:
         """The final prompt as rendered text."""
         return self.final_template.render({"prompt": question, "memory": memory})
+
+
+def builder_from_config(tokenizer: Any, agent: Any) -> PromptBuilder:
+    """The PromptBuilder of an `AgentSection`: its templates and `enable_thinking`."""
+    return PromptBuilder(tokenizer, templates_from_config(agent),
+                         enable_thinking=getattr(agent, "enable_thinking", False))
 
 
 def templates_from_config(agent: Any) -> PromptTemplates:

@@ -29,7 +29,7 @@ from flax import nnx
 
 from memagent_jax import sampler
 from memagent_jax.agent.memory import make_policy
-from memagent_jax.agent.prompts import PromptBuilder, templates_from_config
+from memagent_jax.agent.prompts import builder_from_config
 from memagent_jax.agent.rollout import RolloutResult, rollout
 from memagent_jax.checkpoint import RunCheckpointer, StopSignal
 from memagent_jax.config import Config, save_config
@@ -107,7 +107,7 @@ class Trainer:
         self.reward_fn = reward_fn or default_reward_fn(rl.reward)
         self.out_dir = Path(cfg.trainer.out_dir)
         self.policy = make_policy(cfg.agent.policy, **self._policy_kwargs())
-        self.builder = PromptBuilder(tokenizer, templates_from_config(cfg.agent))
+        self.builder = builder_from_config(tokenizer, cfg.agent)
         self._generate_fn = generate_fn
         self.num_minis = rl.train_batch_size // rl.mini_batch_size
         self.on_policy = self.num_minis == 1 and rl.ppo_epochs == 1
