@@ -30,6 +30,11 @@ def read_document(path: str) -> str:
         return raw.decode("utf-8", errors="replace")
 
 
+#: The `answer` flags that set each budget (named in window-fit errors).
+ANSWER_FLAGS = {"chunk_size": "--chunk-size", "question_budget": "--question-budget",
+                "memory_tokens": "--max-memory-tokens", "answer_tokens": "--max-answer-tokens"}
+
+
 def _cmd_answer(args: argparse.Namespace) -> int:
     from rich.console import Console
     from tqdm.auto import tqdm
@@ -38,6 +43,8 @@ def _cmd_answer(args: argparse.Namespace) -> int:
     from memagent_jax.agent.memory import make_policy
     from memagent_jax.agent.prompts import PromptBuilder, PromptTemplates
     from memagent_jax.agent.rollout import rollout, sampler_generate_fn
+    from memagent_jax.agent.window import default_budget, fit_window, full_context_tokens
+    from memagent_jax.errors import InputError
     from memagent_jax.rl.rewards import answer_is_extract, boxed_answer
     from memagent_jax.tokenizer import load_tokenizer
 
@@ -47,14 +54,36 @@ def _cmd_answer(args: argparse.Namespace) -> int:
         warnings.warn(f"{args.doc} is empty: the agent answers from 'No previous memory'", stacklevel=1)
     tokenizer = load_tokenizer(args.model)
     model = models.from_pretrained(args.model)
-    kwargs: dict[str, Any] = {}
-    if args.policy == "overwrite":
-        kwargs = dict(chunk_size=args.chunk_size, max_chunks=None, max_memory_tokens=args.max_memory_tokens)
-    policy = make_policy(args.policy, **kwargs)
+    window, source = model.config.max_position_embeddings, str(Path(args.model) / "config.json")
     builder = PromptBuilder(tokenizer, PromptTemplates.for_style(args.final_style),
                             enable_thinking=args.enable_thinking)
+    # Budgets left out fit the window: the question's own length, MemAgent's 1024 (or an eighth of
+    # a smaller window) for the memory and the answer, and the largest chunk that fits with them.
+    q_len = len(tokenizer.encode(args.question))
+    budget = args.question_budget if args.question_budget is not None else q_len
+    if q_len > budget:
+        raise InputError(f"the question is {q_len} tokens, over --question-budget {budget}", None,
+                         "raise --question-budget (or leave it out: the question's own length)")
+    memory_tokens = args.max_memory_tokens or default_budget(window)
+    answer_tokens = args.max_answer_tokens or default_budget(window)
+    kwargs: dict[str, Any] = {}
+    if args.policy == "full_context":
+        room = full_context_tokens(builder, window, question_tokens=budget, answer_tokens=answer_tokens,
+                                   names=ANSWER_FLAGS, source=source)
+        print(f"full_context: up to {room} document tokens (the {window}-token window less the "
+              f"template, the question and the answer {answer_tokens}); longer documents are "
+              "center-truncated", file=sys.stderr)
+        kwargs = dict(max_context_tokens=room)
+    else:
+        fit = fit_window(builder, window, question_budget=budget, memory_tokens=memory_tokens,
+                         answer_tokens=answer_tokens, chunk_size=args.chunk_size, names=ANSWER_FLAGS,
+                         source=source)
+        print(fit.summary(), file=sys.stderr)
+        if args.policy == "overwrite":
+            kwargs = dict(chunk_size=fit.chunk_size, max_chunks=None, max_memory_tokens=memory_tokens)
+    policy = make_policy(args.policy, **kwargs)
     generate_fn = sampler_generate_fn(model, tokenizer, temperature=args.temperature,
-                                      top_p=args.top_p, max_prompt_len=model.config.max_position_embeddings)
+                                      top_p=args.top_p, max_prompt_len=window)
     bar = tqdm(desc="reading chunks", unit="chunk", file=sys.stderr)
 
     def on_step(k: int, n: int, trajs: list) -> None:
@@ -66,9 +95,9 @@ def _cmd_answer(args: argparse.Namespace) -> int:
 
     result = rollout([{"question": args.question, "context": doc, "answers": []}], policy=policy,
                      builder=builder, tokenizer=tokenizer, generate_fn=generate_fn, group_size=1,
-                     training=False, question_budget=args.question_budget, on_step=on_step,
-                     gen_kwargs=dict(max_memory_new_tokens=args.max_memory_tokens,
-                                     max_final_new_tokens=args.max_answer_tokens, seed=args.seed))
+                     training=False, question_budget=budget, on_step=on_step,
+                     gen_kwargs=dict(max_memory_new_tokens=memory_tokens,
+                                     max_final_new_tokens=answer_tokens, seed=args.seed))
     bar.close()
     traj = result.trajectories[0]
     final = result.conversations[traj.conversation_ids[-1]]
@@ -145,10 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--question", required=True)
     a.add_argument("--policy", default="overwrite", help="memory policy name or module:Class")
     a.add_argument("--show-memory", action="store_true", help="print the memory after each chunk")
-    a.add_argument("--chunk-size", type=int, default=5000)
-    a.add_argument("--max-memory-tokens", type=int, default=1024)
-    a.add_argument("--max-answer-tokens", type=int, default=1024)
-    a.add_argument("--question-budget", type=int, default=1024)
+    a.add_argument("--chunk-size", type=int, default=None,
+                   help="tokens per chunk (default: the largest that fits the model's window)")
+    a.add_argument("--max-memory-tokens", type=int, default=None,
+                   help="memory size = memory-turn reply budget (default 1024, or window/8 if smaller)")
+    a.add_argument("--max-answer-tokens", type=int, default=None,
+                   help="answer budget (default 1024, or window/8 if smaller)")
+    a.add_argument("--question-budget", type=int, default=None,
+                   help="tokens kept for the question (default: the question's length)")
     a.add_argument("--final-style", default="boxed", choices=["boxed", "answer_is"])
     a.add_argument("--enable-thinking", action="store_true",
                    help="let a Qwen3 model think (default: non-thinking prompts); thinking is "

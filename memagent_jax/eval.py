@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -34,6 +35,7 @@ from typing import Any
 from memagent_jax.agent.memory import FullContextPolicy, MemoryPolicy, make_policy
 from memagent_jax.agent.prompts import PromptBuilder, builder_from_config
 from memagent_jax.agent.rollout import GenerateFn, rollout, sampler_generate_fn
+from memagent_jax.agent.window import default_budget, fit_window
 from memagent_jax.config import AgentSection
 from memagent_jax.data import hotpotqa, ruler_synthetic
 from memagent_jax.plots import format_length, plot_accuracy_vs_length, plot_heatmap
@@ -326,6 +328,11 @@ def evaluate(
                                                            *[b for b in baselines if b != agent.policy]]))
 
     builder = builder_from_config(tokenizer, agent)
+    model_window = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if model_window and agent.policy != "full_context":  # fail before any cell, naming the settings
+        fit_window(builder, model_window, question_budget=agent.question_budget,
+                   memory_tokens=agent.max_memory_tokens, answer_tokens=agent.max_final_new_tokens,
+                   chunk_size=agent.chunk_size)
     gen = dict(max_memory_new_tokens=agent.max_memory_tokens, max_final_new_tokens=agent.max_final_new_tokens,
                temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     items = hotpotqa.load_hotpotqa(hotpotqa_path) if HOTPOTQA in tasks else None
@@ -409,11 +416,15 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     a("--top-k", type=int, default=0)
     a("--seed", type=int, default=0)
     a("--policy", default="overwrite", help="memory policy name or module.path:ClassName")
-    a("--chunk-size", type=int, default=5000, help="tokens per chunk (overwrite policy)")
-    a("--max-memory-tokens", type=int, default=1024, help="memory size = memory-turn generation budget")
-    a("--max-final-new-tokens", type=int, default=1024, help="answer generation budget")
+    a("--chunk-size", type=int, default=None,
+      help="tokens per chunk (overwrite policy; default: the largest that fits the model's window)")
+    a("--max-memory-tokens", type=int, default=None,
+      help="memory size = memory-turn generation budget (default 1024, or window/8 if smaller)")
+    a("--max-final-new-tokens", type=int, default=None,
+      help="answer generation budget (default 1024, or window/8 if smaller)")
     a("--final-style", default="boxed", choices=["boxed", "answer_is"])
-    a("--question-budget", type=int, default=1024)
+    a("--question-budget", type=int, default=None,
+      help="tokens kept for the question (default 1024, or window/8 if smaller)")
     a("--enable-thinking", action="store_true",
       help="let a Qwen3 model think (default: non-thinking prompts); thinking is never kept in the memory")
     a("--hotpotqa", default=None, help="HotpotQA distractor-format JSON (required for task hotpotqa)")
@@ -427,6 +438,33 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
+#: The `eval` flags that set each budget (named in window-fit errors).
+EVAL_FLAGS = {"chunk_size": "--chunk-size", "question_budget": "--question-budget",
+              "memory_tokens": "--max-memory-tokens", "answer_tokens": "--max-final-new-tokens"}
+
+
+def fit_agent_to_window(args: argparse.Namespace, tokenizer: Any, window: int, *,
+                        source: str | None = None) -> AgentSection:
+    """The AgentSection of the `eval` flags, with budgets left out fitted to the model's window.
+
+    Question, memory and answer budgets default to 1024 (or window/8 if smaller); the chunk to the
+    largest that fits with them (printed on stderr). A given --chunk-size that does not fit is an
+    InputError naming the flags.
+    """
+    budget = default_budget(window)
+    agent = AgentSection(policy=args.policy, max_memory_tokens=args.max_memory_tokens or budget,
+                         max_final_new_tokens=args.max_final_new_tokens or budget,
+                         final_style=args.final_style, question_budget=args.question_budget or budget,
+                         enable_thinking=args.enable_thinking)
+    if agent.policy == "full_context":
+        return dataclasses.replace(agent, chunk_size=args.chunk_size or agent.chunk_size)
+    fit = fit_window(builder_from_config(tokenizer, agent), window, question_budget=agent.question_budget,
+                     memory_tokens=agent.max_memory_tokens, answer_tokens=agent.max_final_new_tokens,
+                     chunk_size=args.chunk_size, names=EVAL_FLAGS, source=source)
+    print(fit.summary(), file=sys.stderr)
+    return dataclasses.replace(agent, chunk_size=fit.chunk_size)
+
+
 def run_eval_cli(args: argparse.Namespace) -> dict[str, Any]:
     """`memagent-jax eval`: load the model and tokenizer from args.model, evaluate, print the report."""
     from memagent_jax.models import from_pretrained
@@ -436,9 +474,8 @@ def run_eval_cli(args: argparse.Namespace) -> dict[str, Any]:
     tasks, lengths, dtype = _check_tasks(_names(args.tasks)), parse_lengths(args.lengths), dtype_from_name(args.dtype)
     tokenizer = load_tokenizer(args.model)  # (inputs are checked before loading a possibly large model)
     model = from_pretrained(args.model, dtype=dtype)
-    agent = AgentSection(policy=args.policy, chunk_size=args.chunk_size, max_memory_tokens=args.max_memory_tokens,
-                         max_final_new_tokens=args.max_final_new_tokens, final_style=args.final_style,
-                         question_budget=args.question_budget, enable_thinking=args.enable_thinking)
+    agent = fit_agent_to_window(args, tokenizer, model.config.max_position_embeddings,
+                                source=str(Path(args.model) / "config.json"))
     results = evaluate(model, tokenizer, tasks=tasks, lengths=lengths, num_samples=args.num_samples,
                        out_dir=args.out, agent=agent, temperature=args.temperature, top_p=args.top_p,
                        top_k=args.top_k, seed=args.seed, baselines=_names(args.baselines),

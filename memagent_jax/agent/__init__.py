@@ -11,6 +11,7 @@ from memagent_jax.agent.memory import (
 )
 from memagent_jax.agent.prompts import FINAL_STYLES, PromptBuilder, PromptTemplates
 from memagent_jax.agent.rollout import RolloutResult, rollout, sampler_generate_fn
+from memagent_jax.agent.window import WindowFit, fit_window
 
 __all__ = [
     "FINAL_STYLES",
@@ -20,8 +21,10 @@ __all__ = [
     "PromptBuilder",
     "PromptTemplates",
     "RolloutResult",
+    "WindowFit",
     "available_policies",
     "center_truncate",
+    "fit_window",
     "make_policy",
     "register_policy",
     "rollout",
