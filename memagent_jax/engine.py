@@ -1,0 +1,370 @@
+"""Continuous-batching generation engine: a fixed set of decode slots that requests flow through.
+
+The engine keeps a KV cache of `slots` rows x `max_len` positions on the device. Two jitted
+programs act on it (a prefill/insert + generate split, as in JetStream):
+
+- prefill: prefills a batch of waiting requests (identical prompts once: group sharing) and
+  inserts their caches, first logits, PRNG keys and sampling parameters into free slots;
+- decode: advances every active slot for up to `decode_steps` tokens inside one
+  `lax.while_loop`, stopping early as soon as a slot finishes while requests are waiting.
+
+Between programs the host returns finished rows and refills their slots. Each request samples
+from its own PRNG stream fold_in(row_key, its own step), with per-request temperature / top-p /
+top-k / stop ids / max_new_tokens as traced values, so its tokens and log-probs do not depend on
+the slot it ran in or on its neighbours: the output equals `sampler.generate`'s for the same
+prompts and seeds (up to float rounding of differently shaped matmuls).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from memagent_jax.models.transformer import Decoder, KVCache
+from memagent_jax.sampler import (
+    MAX_STOP_IDS, _argmax, _pow2_bucket, _prefill, bucket, decode_state, filter_logits,
+)
+from memagent_jax.types import SampleOutput
+
+_NEG = -1e30
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """Programs traced (prefill + decode) and host calls of each, for every engine."""
+
+    compilations: int = 0
+    prefill_calls: int = 0
+    decode_calls: int = 0
+    decode_steps: int = 0  # loop iterations run
+    active_slot_steps: int = 0  # sum over iterations of active slots (occupancy numerator)
+    slot_steps: int = 0  # iterations x slots (occupancy denominator)
+
+
+STATS = EngineStats()
+
+
+def compile_count() -> int:
+    """How many engine programs have been traced in this process."""
+    return STATS.compilations
+
+
+def row_key(seed: int, row: int) -> np.ndarray:
+    """The PRNG key `sampler.generate` gives row `row` of a call with `seed`."""
+    return np.asarray(jax.random.fold_in(jax.random.PRNGKey(seed), row))
+
+
+@dataclasses.dataclass
+class Request:
+    """One prompt to complete. `key` is the row's PRNG key (`row_key(seed, row)`)."""
+
+    prompt: Sequence[int]
+    max_new_tokens: int
+    key: Any
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_ids: Sequence[int] = ()
+
+
+@dataclasses.dataclass
+class Result:
+    """A finished request: generated ids (stop id included), their log-probs, why it stopped."""
+
+    request_id: int
+    tokens: list[int]
+    logps: list[float]
+    finish_reason: str  # "eos" | "length"
+
+
+# ------------------------------------------------------------------------------ device programs
+def _sample_rows(logits: jax.Array, keys: jax.Array, step: jax.Array, s: dict[str, jax.Array],
+                 vocab_limit: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`sampler._sample_step` with per-row params and per-row steps (same ids and log-probs)."""
+    temperature = s["temperature"]
+    greedy = temperature <= 0
+    scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
+    vocab_ok = jnp.arange(logits.shape[-1])[None, :] < vocab_limit
+    masked = jnp.where(vocab_ok, scaled, _NEG)
+    filtering = (s["top_k"] > 0) | (s["top_p"] < 1.0)
+
+    def sample(lg: jax.Array) -> jax.Array:
+        step_keys = jax.vmap(jax.random.fold_in)(keys, step)
+        noise = jax.vmap(lambda k: jax.random.gumbel(k, lg.shape[-1:], jnp.float32))(step_keys)
+        # Per row, sampler's filter (its cond becomes a select under vmap: rows with both
+        # filters off keep their logits); the sort is skipped when no row filters.
+        per_row = jax.vmap(lambda x, p, k: filter_logits(x[None], p, k)[0])
+        filtered = jax.lax.cond(jnp.any(filtering),
+                                lambda x: per_row(x, s["top_p"], s["top_k"]), lambda x: x, lg)
+        return _argmax(filtered + noise)
+
+    greedy_ids = _argmax(masked)
+    ids = jax.lax.cond(jnp.all(greedy), lambda x: greedy_ids, sample, masked)
+    ids = jnp.where(greedy, greedy_ids, ids)
+    logps = jax.nn.log_softmax(scaled, axis=-1)
+    return ids, jnp.take_along_axis(logps, ids[:, None], axis=-1)[:, 0]
+
+
+def _prefill_program(graphdef: Any, state: Any, slots: dict[str, jax.Array], ids: jax.Array,
+                     lens: jax.Array, row_to_unique: jax.Array, slot_idx: jax.Array,
+                     new: dict[str, jax.Array], *, chunk: int) -> dict[str, jax.Array]:
+    """Prefills unique prompts [U, P] and inserts them into slots `slot_idx` [M] (out of range:
+    a padding row, dropped). `new` holds the rows' keys and sampling parameters."""
+    STATS.compilations += 1  # trace time only
+    model = nnx.merge(graphdef, state)
+    U, P = ids.shape
+    cache = KVCache.zeros(model.config, U, P)
+    logits_u, cache = _prefill(model, ids, lens, cache, chunk)
+    out = dict(slots)
+    put = lambda a, v: a.at[slot_idx].set(v, mode="drop")  # noqa: E731
+    out["k"] = slots["k"].at[:, slot_idx, :P].set(cache.k[:, row_to_unique], mode="drop")
+    out["v"] = slots["v"].at[:, slot_idx, :P].set(cache.v[:, row_to_unique], mode="drop")
+    out["logits"] = put(slots["logits"], logits_u[row_to_unique])
+    out["plen"] = put(slots["plen"], lens[row_to_unique])
+    out["step"] = put(slots["step"], jnp.zeros_like(slot_idx))
+    out["active"] = put(slots["active"], jnp.ones(slot_idx.shape, bool))
+    for name, value in new.items():
+        out[name] = put(slots[name], value)
+    return out
+
+
+def _decode_program(graphdef: Any, state: Any, slots: dict[str, jax.Array],
+                    vocab_limit: jax.Array, stop_early: jax.Array, *, steps: int
+                    ) -> tuple[dict[str, jax.Array], jax.Array]:
+    """Advances every active slot by up to `steps` tokens; returns the slots and the iterations
+    run. Stops after the first iteration in which a slot finishes if `stop_early`."""
+    STATS.compilations += 1
+    model = nnx.merge(graphdef, state)
+    S, W = slots["tokens"].shape
+    rows = jnp.arange(S)
+
+    def cond(c: tuple[jax.Array, jax.Array, dict[str, jax.Array]]) -> jax.Array:
+        i, finished_any, s = c
+        return (i < steps) & ~(stop_early & finished_any) & jnp.any(s["active"])
+
+    def body(c: tuple[jax.Array, jax.Array, dict[str, jax.Array]]
+             ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+        i, finished_any, s = c
+        s = dict(s)
+        active, step = s["active"], s["step"]
+        ids, lp = _sample_rows(s["logits"], s["keys"], step, s, vocab_limit)
+        ids = jnp.where(active, ids, 0)
+        at = jnp.where(active, step, W)  # inactive rows write nowhere
+        s["tokens"] = s["tokens"].at[rows, at].set(ids, mode="drop")
+        s["logps"] = s["logps"].at[rows, at].set(lp, mode="drop")
+        new_step = step + active.astype(jnp.int32)
+        hit_stop = jnp.any(ids[:, None] == s["stop_ids"], axis=-1)
+        finished = active & (hit_stop | (new_step >= s["max_new"]))
+        hidden, cache = model.hidden_states(ids[:, None], cache=KVCache(s["k"], s["v"]),
+                                            cache_index=s["plen"] + step)
+        s["k"], s["v"] = cache.k, cache.v
+        s["logits"] = model.logits(hidden)[:, 0]
+        s["step"], s["active"] = new_step, active & ~finished
+        s["occupancy"] = s["occupancy"] + jnp.sum(active.astype(jnp.int32))
+        return i + 1, finished_any | jnp.any(finished), s
+
+    slots = dict(slots, occupancy=jnp.int32(0))
+    i, _, out = jax.lax.while_loop(cond, body, (jnp.int32(0), jnp.bool_(False), slots))
+    occupancy = out.pop("occupancy")
+    return out, jnp.stack([i, occupancy])
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_prefill(chunk: int) -> Any:
+    return jax.jit(functools.partial(_prefill_program, chunk=chunk), static_argnums=0,
+                   donate_argnums=2)
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_decode(steps: int) -> Any:
+    return jax.jit(functools.partial(_decode_program, steps=steps), static_argnums=0,
+                   donate_argnums=2)
+
+
+# ------------------------------------------------------------------------------------ the engine
+class Engine:
+    """Continuous batching over `slots` (rounded up to a power of two) cache rows of `max_len`.
+
+    `submit` queues a request and returns its id; `run()` yields `Result`s as requests finish
+    (more requests may be submitted while iterating). Ids >= `vocab_limit` are never sampled.
+    Programs compiled: one decode program per (slots, max_len, decode_steps) and one prefill
+    program per (batch bucket, unique-prompt bucket, prompt-length bucket).
+    """
+
+    def __init__(self, model: Decoder, *, slots: int = 16, max_len: int = 1024,
+                 decode_steps: int = 32, prefill_chunk: int = 512, vocab_limit: int | None = None,
+                 share_prefill: bool = True, state: tuple[Any, Any] | None = None) -> None:
+        cfg = model.config
+        if max_len < 2 or max_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_len={max_len} must be in [2, max_position_embeddings="
+                             f"{cfg.max_position_embeddings}]")
+        self.model, self.config = model, cfg
+        self.num_slots = _pow2_bucket(max(1, slots))
+        self.max_len, self.decode_steps = int(max_len), int(decode_steps)
+        self.prefill_chunk, self.share_prefill = int(prefill_chunk), share_prefill
+        self.vocab_limit = np.int32(vocab_limit or cfg.vocab_size)
+        self.graphdef, self.state = state if state is not None else decode_state(model, None)
+        self._queue: collections.deque[tuple[int, Request]] = collections.deque()
+        self._slot_owner: list[int | None] = [None] * self.num_slots
+        self._requests: dict[int, Request] = {}
+        self._next_id = 0
+        self._slots = self._empty_slots()
+
+    def _empty_slots(self) -> dict[str, jax.Array]:
+        S, W, cfg = self.num_slots, self.max_len, self.config
+        cache = KVCache.zeros(cfg, S, W)
+        return dict(
+            k=cache.k, v=cache.v, logits=jnp.zeros((S, cfg.vocab_size), jnp.float32),
+            plen=jnp.ones((S,), jnp.int32), step=jnp.zeros((S,), jnp.int32),
+            active=jnp.zeros((S,), bool), keys=jnp.zeros((S, 2), jnp.uint32),
+            temperature=jnp.zeros((S,), jnp.float32), top_p=jnp.ones((S,), jnp.float32),
+            top_k=jnp.zeros((S,), jnp.int32), max_new=jnp.ones((S,), jnp.int32),
+            stop_ids=jnp.full((S, MAX_STOP_IDS), -1, jnp.int32),
+            tokens=jnp.zeros((S, W), jnp.int32), logps=jnp.zeros((S, W), jnp.float32),
+        )
+
+    def submit(self, request: Request) -> int:
+        """Queues a request (validated now); returns its id."""
+        n = len(request.prompt)
+        if n == 0:
+            raise ValueError("engine.submit: the prompt is empty: it needs at least one token")
+        if request.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be > 0, got {request.max_new_tokens}")
+        if n + request.max_new_tokens > self.max_len:
+            raise ValueError(f"prompt ({n} tokens) + max_new_tokens ({request.max_new_tokens}) "
+                             f"exceed the engine's max_len={self.max_len}; raise max_len")
+        if request.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {request.temperature}")
+        if not 0.0 < request.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {request.top_p}")
+        if request.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {request.top_k}")
+        if len(request.stop_ids) > MAX_STOP_IDS:
+            raise ValueError(f"at most {MAX_STOP_IDS} stop ids, got {len(request.stop_ids)}")
+        rid = self._next_id
+        self._next_id += 1
+        self._queue.append((rid, request))
+        return rid
+
+    @property
+    def pending(self) -> int:
+        """Requests queued or in a slot."""
+        return len(self._queue) + sum(o is not None for o in self._slot_owner)
+
+    def _refill(self) -> None:
+        """Prefills as many queued requests as there are free slots, in one program call."""
+        free = [i for i, o in enumerate(self._slot_owner) if o is None]
+        batch = [self._queue.popleft() for _ in range(min(len(free), len(self._queue)))]
+        if not batch:
+            return
+        prompts = [list(map(int, r.prompt)) for _, r in batch]
+        if self.share_prefill:
+            unique: dict[tuple[int, ...], int] = {}
+            row_to_unique = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
+            unique_prompts = [list(p) for p in unique]
+        else:
+            row_to_unique, unique_prompts = list(range(len(prompts))), prompts
+        M, U = _pow2_bucket(len(batch)), _pow2_bucket(len(unique_prompts))
+        P = min(bucket(max(len(p) for p in unique_prompts)), self.max_len)
+        chunk = min(self.prefill_chunk, P)
+        if P % chunk:
+            P = min(-(-P // chunk) * chunk, self.max_len)
+            chunk = chunk if P % chunk == 0 else P
+        ids = np.zeros((U, P), np.int32)
+        lens = np.ones((U,), np.int32)
+        for i, p in enumerate(unique_prompts):
+            ids[i, : len(p)], lens[i] = p, len(p)
+        rows = np.zeros((M,), np.int32)
+        rows[: len(batch)] = row_to_unique
+        slot_idx = np.full((M,), self.num_slots, np.int32)  # padding rows: dropped
+        new = dict(keys=np.zeros((M, 2), np.uint32), temperature=np.zeros((M,), np.float32),
+                   top_p=np.ones((M,), np.float32), top_k=np.zeros((M,), np.int32),
+                   max_new=np.ones((M,), np.int32),
+                   stop_ids=np.full((M, MAX_STOP_IDS), -1, np.int32))
+        for j, (rid, r) in enumerate(batch):
+            slot = free[j]
+            self._slot_owner[slot] = rid
+            slot_idx[j] = slot
+            new["keys"][j] = np.asarray(r.key, np.uint32).reshape(2)
+            new["temperature"][j], new["top_p"][j], new["top_k"][j] = r.temperature, r.top_p, r.top_k
+            new["max_new"][j] = r.max_new_tokens
+            new["stop_ids"][j, : len(r.stop_ids)] = list(r.stop_ids)
+        self._requests.update({rid: r for rid, r in batch})
+        STATS.prefill_calls += 1
+        self._slots = _jitted_prefill(chunk)(self.graphdef, self.state, self._slots, ids, lens,
+                                             rows, slot_idx, new)
+
+    def _collect(self) -> list[Result]:
+        """Frees the slots whose request finished; returns their results."""
+        active, step = jax.device_get((self._slots["active"], self._slots["step"]))
+        done = [s for s, o in enumerate(self._slot_owner) if o is not None and not active[s]]
+        if not done:
+            return []
+        tokens, logps = jax.device_get((self._slots["tokens"][np.array(done)],
+                                        self._slots["logps"][np.array(done)]))
+        results = []
+        for j, s in enumerate(done):
+            rid = self._slot_owner[s]
+            n = int(step[s])
+            row = tokens[j, :n].tolist()
+            stops = set(int(e) for e in self._requests.pop(rid).stop_ids)
+            results.append(Result(rid, row, logps[j, :n].tolist(),
+                                  "eos" if row and row[-1] in stops else "length"))
+            self._slot_owner[s] = None
+        return results
+
+    def run(self) -> Iterator[Result]:
+        """Yields results as requests finish, until nothing is queued or running."""
+        while self.pending:
+            self._refill()
+            stop_early = np.bool_(len(self._queue) > 0)
+            STATS.decode_calls += 1
+            self._slots, info = _jitted_decode(self.decode_steps)(
+                self.graphdef, self.state, self._slots, self.vocab_limit, stop_early)
+            iters, occupied = (int(x) for x in jax.device_get(info))
+            STATS.decode_steps += iters
+            STATS.active_slot_steps += occupied
+            STATS.slot_steps += iters * self.num_slots
+            yield from self._collect()
+
+
+
+def engine_generate(
+    model: Decoder,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    eos_ids: Sequence[int] = (),
+    seed: int = 0,
+    vocab_limit: int | None = None,
+    slots: int | None = None,
+    decode_steps: int = 32,
+    prefill_chunk: int = 512,
+    share_prefill: bool = True,
+    state: tuple[Any, Any] | None = None,
+) -> SampleOutput:
+    """`sampler.generate`'s contract on the engine: row r samples from fold_in(PRNGKey(seed), r),
+    so the output equals `sampler.generate(model, prompts, ...)` for the same arguments."""
+    if len(prompts) == 0:
+        raise ValueError("engine_generate() got no prompts: pass a non-empty list of token-id lists")
+    longest = max(len(p) for p in prompts)
+    max_len = min(bucket(longest + max_new_tokens), model.config.max_position_embeddings)
+    engine = Engine(model, slots=slots or min(len(prompts), 32), max_len=max_len,
+                    decode_steps=decode_steps, prefill_chunk=prefill_chunk,
+                    vocab_limit=vocab_limit, share_prefill=share_prefill, state=state)
+    ids = [engine.submit(Request(p, max_new_tokens, row_key(seed, r), temperature, top_p, top_k,
+                                 tuple(eos_ids))) for r, p in enumerate(prompts)]
+    done = {res.request_id: res for res in engine.run()}
+    rows = [done[i] for i in ids]
+    return SampleOutput(tokens=[r.tokens for r in rows], logps=[r.logps for r in rows],
+                        finish_reasons=[r.finish_reason for r in rows])
