@@ -215,6 +215,7 @@ class Engine:
         self._slot_owner: list[int | None] = [None] * self.num_slots
         self._requests: dict[int, Request] = {}
         self._next_id = 0
+        self._counts = dict(prefill_calls=0, decode_calls=0, decode_steps=0, active_slot_steps=0)
         self._slots = self._empty_slots()
 
     def _empty_slots(self) -> dict[str, jax.Array]:
@@ -298,6 +299,7 @@ class Engine:
             new["stop_ids"][j, : len(r.stop_ids)] = list(r.stop_ids)
         self._requests.update({rid: r for rid, r in batch})
         STATS.prefill_calls += 1
+        self._counts["prefill_calls"] += 1
         self._slots = _jitted_prefill(chunk)(self.graphdef, self.state, self._slots, ids, lens,
                                              rows, slot_idx, new)
 
@@ -320,6 +322,12 @@ class Engine:
             self._slot_owner[s] = None
         return results
 
+    def stats(self) -> dict[str, Any]:
+        """This engine's program calls, decode iterations and slot occupancy (active / slots)."""
+        c = self._counts
+        return dict(c, slots=self.num_slots, max_len=self.max_len,
+                    occupancy=c["active_slot_steps"] / max(1, c["decode_steps"] * self.num_slots))
+
     def run(self) -> Iterator[Result]:
         """Yields results as requests finish, until nothing is queued or running."""
         while self.pending:
@@ -332,6 +340,8 @@ class Engine:
             STATS.decode_steps += iters
             STATS.active_slot_steps += occupied
             STATS.slot_steps += iters * self.num_slots
+            for name, n in (("decode_calls", 1), ("decode_steps", iters), ("active_slot_steps", occupied)):
+                self._counts[name] += n
             yield from self._collect()
 
 

@@ -147,3 +147,35 @@ def test_bad_request_is_a_clear_error(model, bad, match):
     kwargs.update(bad)
     with pytest.raises(ValueError, match=match):
         engine.submit(eng.Request(**kwargs))
+
+
+def test_rollout_on_engine_equals_static_rollout():
+    """Same trajectories, memories, answers and conversations (tokens, log-probs) with no barrier
+    between turns, ragged chunk counts and more trajectories than slots."""
+    from memagent_jax.agent.memory import make_policy
+    from memagent_jax.agent.prompts import PromptBuilder, PromptTemplates
+    from memagent_jax.agent.rollout import engine_generate_fn, rollout, sampler_generate_fn
+    from tiny_policy import AsciiTokenizer, docs, tiny_model
+
+    tok = AsciiTokenizer()
+    model = tiny_model(seed=3)
+    policy = make_policy("overwrite", chunk_size=16, max_chunks=8, max_memory_tokens=10)
+    builder = PromptBuilder(tok, PromptTemplates(memory_update="Q{prompt}M{memory}C{chunk}>",
+                                                 final="Q{prompt}M{memory}>"))
+    samples = [dict(d, context=d["context"][:n]) for d, n in zip(docs(3, 60, seed=2), (60, 20, 40))]
+    kw = dict(policy=policy, builder=builder, tokenizer=tok, group_size=3, training=True,
+              gen_kwargs=dict(max_memory_new_tokens=12, max_final_new_tokens=6, seed=4))
+    static = rollout(samples, generate_fn=sampler_generate_fn(model, tok, temperature=1.0), **kw)
+    cont = rollout(samples, generate_fn=engine_generate_fn(model, tok, slots=4, max_len=128,
+                                                            decode_steps=4, temperature=1.0), **kw)
+    assert cont.stats["engine"]["prefill_calls"] > 1  # slots were refilled
+    for a, b in zip(static.trajectories, cont.trajectories, strict=True):
+        assert (a.memories, a.answer_text, a.conversation_ids) == (b.memories, b.answer_text,
+                                                                   b.conversation_ids)
+    for a, b in zip(static.conversations, cont.conversations, strict=True):
+        assert (a.prompt, a.response, a.turn, a.is_final, a.finish_reason) == (
+            b.prompt, b.response, b.turn, b.is_final, b.finish_reason)
+        np.testing.assert_allclose(a.sampler_logps, b.sampler_logps, atol=1e-5)
+    assert {c.finish_reason for c in cont.conversations} == {"eos", "length"}
+    engine_stats = cont.stats.pop("engine")
+    assert cont.stats == static.stats and 0 < engine_stats["occupancy"] <= 1

@@ -175,6 +175,11 @@ def rollout(
     if sync_steps is not None:
         num_steps = sync_steps(num_steps)
 
+    if getattr(generate_fn, "engine_config", None) is not None and sync_steps is None:
+        return _rollout_continuous(docs, trajs, memory, num_steps, policy=policy, builder=builder,
+                                   tokenizer=tokenizer, generate_fn=generate_fn, gen=gen,
+                                   sampling=call.sampling, on_step=on_step)
+
     for k in range(num_steps):  # memory turns: every trajectory that still has a k-th chunk
         active = [t for t in trajs if k < t.num_chunks]
         prompts = [policy.turn_prompt(builder, docs[t.group_id].question_ids, memory[t.trajectory_id],
@@ -239,3 +244,116 @@ def sampler_generate_fn(model: Any, tokenizer: Any, **defaults: Any) -> Generate
         return sampler.generate(model, prompts, max_new_tokens=max_new_tokens, seed=seed, **kwargs)
 
     return generate_fn
+
+
+def _rollout_continuous(docs: list[_Doc], trajs: list[Trajectory], memory: list[list[int]],
+                        num_steps: int, *, policy: MemoryPolicy, builder: PromptBuilder,
+                        tokenizer: Any, generate_fn: Any, gen: dict[str, Any],
+                        sampling: dict[str, Any], on_step: Callable[..., None] | None
+                        ) -> RolloutResult:
+    """The rollout on the continuous-batching engine: no barrier between turns.
+
+    A trajectory's turn k+1 (or final) prompt is queued the moment its turn-k reply arrives.
+    Each request gets the PRNG key the static path would give it (seed + k, its row among the
+    trajectories active at turn k), and conversations are recorded in the static order, so the
+    result equals the static rollout's.
+    """
+    from memagent_jax import engine as eng  # lazy: keeps the agent importable without the model stack
+
+    engine = generate_fn.make_engine()
+    params = {**generate_fn.defaults, **sampling}
+    request_kw = dict(temperature=float(params.get("temperature", 0.0)),
+                      top_p=float(params.get("top_p", 1.0)), top_k=int(params.get("top_k", 0)),
+                      stop_ids=tuple(generate_fn.eos_ids))
+    # Row of trajectory t in the static call of turn k: its rank among those with a k-th chunk.
+    rows = [{t.trajectory_id: r for r, t in enumerate(x for x in trajs if k < x.num_chunks)}
+            for k in range(num_steps)]
+    outputs: dict[tuple[int, int], Any] = {}  # (turn, trajectory) -> engine Result; final = num_steps
+    prompts: dict[tuple[int, int], list[int]] = {}
+    owner: dict[int, tuple[int, int]] = {}
+
+    def submit(t: Trajectory, k: int) -> None:
+        d = docs[t.group_id]
+        if k < t.num_chunks:
+            prompt = policy.turn_prompt(builder, d.question_ids, memory[t.trajectory_id], d.chunks[k])
+            key = eng.row_key(gen["seed"] + k, rows[k][t.trajectory_id])
+            max_new = gen["max_memory_new_tokens"]
+        else:
+            k = num_steps
+            prompt = policy.final_prompt(builder, d.question_ids, memory[t.trajectory_id])
+            key = eng.row_key(gen["seed"] + num_steps, t.trajectory_id)
+            max_new = gen["max_final_new_tokens"]
+        prompts[(k, t.trajectory_id)] = prompt
+        owner[engine.submit(eng.Request(prompt, max_new, key, **request_kw))] = (k, t.trajectory_id)
+
+    for t in trajs:
+        submit(t, 0)
+    remaining = [len(rows[k]) for k in range(num_steps)]
+    next_step = 0
+    for res in engine.run():
+        k, i = owner.pop(res.request_id)
+        outputs[(k, i)] = res
+        if k == num_steps:
+            continue
+        t = trajs[i]
+        memory[i], capped = policy.update(memory[i], res.tokens, tokenizer)
+        t.memory_capped_turns += int(capped)
+        t.memories.append(tokenizer.decode(memory[i]))
+        submit(t, k + 1)
+        remaining[k] -= 1
+        while on_step is not None and next_step < num_steps and remaining[next_step] == 0:
+            on_step(next_step, num_steps, trajs)
+            next_step += 1
+
+    # Record conversations in the static path's order (turn by turn, then the finals).
+    call = _Caller(generate_fn, sampling)
+    for k in range(num_steps + 1):
+        group = [t for t in trajs if k < t.num_chunks] if k < num_steps else trajs
+        call.rows_per_call.append(len(group))
+        for t in group:
+            res = outputs[(k, t.trajectory_id)]
+            t.conversation_ids.append(len(call.conversations))
+            call.conversations.append(Conversation(
+                prompt=list(prompts[(k, t.trajectory_id)]), response=list(res.tokens),
+                sampler_logps=list(res.logps), trajectory_id=t.trajectory_id, group_id=t.group_id,
+                turn=t.num_chunks if k == num_steps else k, is_final=k == num_steps,
+                finish_reason=res.finish_reason))
+            if k == num_steps:
+                t.answer_text = tokenizer.decode(res.tokens)
+    stats = _stats(call, trajs, docs)
+    stats["engine"] = engine.stats()
+    return RolloutResult(call.conversations, trajs, stats, pad_id=int(tokenizer.pad_id))
+
+
+class EngineGenerateFn:
+    """A `generate_fn` whose rollout runs on the continuous-batching engine (`rollout()` detects
+    it by `engine_config`). Called directly (or by a multi-host rollout), it is the static
+    `sampler.generate`, the reference path."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, slots: int = 64, max_len: int | None = None,
+                 decode_steps: int = 32, prefill_chunk: int = 512, **defaults: Any) -> None:
+        self.model, self.defaults = model, {k: v for k, v in defaults.items() if v is not None}
+        self.eos_ids = tuple(int(e) for e in tokenizer.eos_ids)
+        self.vocab_limit = int(tokenizer.vocab_size)
+        self.engine_config = dict(slots=slots, max_len=max_len or model.config.max_position_embeddings,
+                                  decode_steps=decode_steps, prefill_chunk=prefill_chunk)
+
+    def make_engine(self) -> Any:
+        from memagent_jax import engine as eng
+
+        return eng.Engine(self.model, vocab_limit=self.vocab_limit, **self.engine_config)
+
+    def __call__(self, prompts: list[list[int]], *, max_new_tokens: int, seed: int,
+                 **overrides: Any) -> SampleOutput:
+        from memagent_jax import sampler
+
+        kwargs = {"eos_ids": self.eos_ids, "vocab_limit": self.vocab_limit, **self.defaults,
+                  **{k: v for k, v in overrides.items() if v is not None}}
+        return sampler.generate(self.model, prompts, max_new_tokens=max_new_tokens, seed=seed, **kwargs)
+
+
+def engine_generate_fn(model: Any, tokenizer: Any, **kwargs: Any) -> EngineGenerateFn:
+    """`sampler_generate_fn`'s counterpart for `rollout.engine: continuous` (see EngineGenerateFn):
+    slots, max_len (default: the model's window), decode_steps, prefill_chunk, and sampling
+    defaults (temperature, top_p, top_k)."""
+    return EngineGenerateFn(model, tokenizer, **kwargs)
