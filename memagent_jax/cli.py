@@ -39,21 +39,22 @@ def _cmd_answer(args: argparse.Namespace) -> int:
     from rich.console import Console
     from tqdm.auto import tqdm
 
-    from memagent_jax import models
     from memagent_jax.agent.memory import make_policy
     from memagent_jax.agent.prompts import PromptBuilder, PromptTemplates
     from memagent_jax.agent.rollout import rollout, sampler_generate_fn
     from memagent_jax.agent.window import default_budget, fit_window, full_context_tokens
+    from memagent_jax.checks import check_text_file, load_checked
     from memagent_jax.errors import InputError
     from memagent_jax.rl.rewards import answer_is_extract, boxed_answer
-    from memagent_jax.tokenizer import load_tokenizer
 
     console = Console(stderr=True)
+    if not args.question.strip():
+        raise InputError("--question is empty", None, 'ask a question, e.g. --question "Who wrote it?"')
+    check_text_file(args.doc, "--doc")
     doc = read_document(args.doc)
     if not doc.strip():
         warnings.warn(f"{args.doc} is empty: the agent answers from 'No previous memory'", stacklevel=1)
-    tokenizer = load_tokenizer(args.model)
-    model = models.from_pretrained(args.model)
+    model, tokenizer = load_checked(args.model)
     window, source = model.config.max_position_embeddings, str(Path(args.model) / "config.json")
     builder = PromptBuilder(tokenizer, PromptTemplates.for_style(args.final_style),
                             enable_thinking=args.enable_thinking)
@@ -148,10 +149,20 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `memagent-jax` argument parser (every command also takes --debug)."""
+    from memagent_jax.checks import positive_int
+
     p = argparse.ArgumentParser(prog="memagent-jax", description=__doc__)
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    common = argparse.ArgumentParser(add_help=False)  # --debug after the command works too
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="the embedded default: train + evaluate a tiny memory agent")
+    def add(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    d = add("demo", help="the embedded default: train + evaluate a tiny memory agent")
     d.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     d.add_argument("--fresh", action="store_true", help="start over instead of resuming stages")
     d.add_argument("--config", default="tiny", help="config name or YAML path (default tiny)")
@@ -163,24 +174,24 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     d.set_defaults(fn=_cmd_demo)
 
-    t = sub.add_parser("train", help="DAPO RL of the memory agent")
+    t = add("train", help="DAPO RL of the memory agent")
     t.add_argument("config", help="YAML config (a path or a name under configs/)")
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     t.set_defaults(fn=_cmd_train)
 
-    a = sub.add_parser("answer", help="answer a question about a document of any length")
+    a = add("answer", help="answer a question about a document of any length")
     a.add_argument("--model", required=True, help="HF model directory (config.json, safetensors, tokenizer)")
     a.add_argument("--doc", required=True, help="text file")
     a.add_argument("--question", required=True)
     a.add_argument("--policy", default="overwrite", help="memory policy name or module:Class")
     a.add_argument("--show-memory", action="store_true", help="print the memory after each chunk")
-    a.add_argument("--chunk-size", type=int, default=None,
+    a.add_argument("--chunk-size", type=positive_int, default=None,
                    help="tokens per chunk (default: the largest that fits the model's window)")
-    a.add_argument("--max-memory-tokens", type=int, default=None,
+    a.add_argument("--max-memory-tokens", type=positive_int, default=None,
                    help="memory size = memory-turn reply budget (default 1024, or window/8 if smaller)")
-    a.add_argument("--max-answer-tokens", type=int, default=None,
+    a.add_argument("--max-answer-tokens", type=positive_int, default=None,
                    help="answer budget (default 1024, or window/8 if smaller)")
-    a.add_argument("--question-budget", type=int, default=None,
+    a.add_argument("--question-budget", type=positive_int, default=None,
                    help="tokens kept for the question (default: the question's length)")
     a.add_argument("--final-style", default="boxed", choices=["boxed", "answer_is"])
     a.add_argument("--enable-thinking", action="store_true",
@@ -191,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0)
     a.set_defaults(fn=_cmd_answer)
 
-    e = sub.add_parser("eval", help="accuracy vs document length: table, CSV/JSON, plots")
+    e = add("eval", help="accuracy vs document length: table, CSV/JSON, plots")
     try:
         from memagent_jax.eval import add_eval_arguments
 
@@ -200,13 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     e.set_defaults(fn=_cmd_eval)
 
-    x = sub.add_parser("export", help="orbax checkpoint of a run -> HF directory")
+    x = add("export", help="orbax checkpoint of a run -> HF directory")
     x.add_argument("checkpoint", help="a run folder (its checkpoints/ and config.yaml)")
     x.add_argument("--out", required=True)
     x.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     x.set_defaults(fn=_cmd_export)
 
-    b = sub.add_parser("data", help="build a tfds dataset (array_record) from local files")
+    b = add("data", help="build a tfds dataset (array_record) from local files")
     b.add_argument("name", choices=["ruler_hotpotqa", "memagent_rows", "ruler_synthetic"])
     b.add_argument("config", help="builder config, e.g. n200 or niah_single_2_8192")
     b.add_argument("--data-dir", required=True)
@@ -214,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("inputs", nargs="*", help="builder inputs as key=value (e.g. path=FILE)")
     b.set_defaults(fn=_cmd_data)
 
-    pl = sub.add_parser("plan", help="per-device memory plan for a config; suggests mesh shapes")
+    pl = add("plan", help="per-device memory plan for a config; suggests mesh shapes")
     try:
         from memagent_jax.plan import add_plan_arguments
 
@@ -225,13 +236,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input (a file, a flag, a setting): one line, exit status 2."""
+    errors: list[type[BaseException]] = [ValueError, OSError, KeyError]
+    try:
+        import jinja2
+
+        errors.append(jinja2.TemplateError)  # a chat template that rejects the conversation
+    except ImportError:
+        pass
+    try:
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def error_message(command: str, e: BaseException) -> str:
+    """`memagent-jax <command>: error: <what> (<file>): <fix>` for an input error."""
+    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:  # from open() & co.
+        text = f"{e.strerror} ({e.filename}): check the path"
+    return f"memagent-jax {command}: error: {text}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `memagent-jax` console script."""
+    """Entry point of the `memagent-jax` console script.
+
+    Bad input prints one line (`memagent-jax <command>: error: <what> (<file>): <fix>`) and
+    returns 2; `--debug` (before or after the command) raises instead, with the traceback.
+    """
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"memagent-jax {args.command}: error: {e}", file=sys.stderr)
+    except _input_errors() as e:
+        if args.debug:
+            raise
+        print(error_message(args.command, e), file=sys.stderr)
         return 2
 
 

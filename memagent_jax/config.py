@@ -4,11 +4,14 @@ dotted `key.sub=value` overrides from the command line. Unknown keys are errors.
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from memagent_jax.errors import InputError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -72,6 +75,10 @@ class RolloutSection:
     val_temperature: float = 1.0
     val_top_p: float = 0.7
     max_rows_per_call: int = 0  # cap on rows of one sampler call (0 = all active rows at once)
+    engine: str = "static"  # static (one batched call per turn) | continuous (memagent_jax.engine)
+    engine_slots: int = 64  # continuous: decode slots (KV cache rows)
+    engine_max_len: int = 0  # continuous: cache positions per slot (0 = bound from agent budgets)
+    engine_decode_steps: int = 32  # continuous: decode steps per engine call
 
 
 @dataclasses.dataclass
@@ -228,18 +235,58 @@ def resolve_config_path(name: str | Path) -> Path:
     for cand in (p, CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
         if cand.is_file():
             return cand
-    raise FileNotFoundError(f"config {name!r} not found (looked in . and {CONFIG_DIR})")
+    names = ", ".join(sorted(f.stem for f in CONFIG_DIR.glob("*.yaml")))
+    raise FileNotFoundError(f"config {name!r} not found (looked in . and {CONFIG_DIR}): give a YAML "
+                            f"path or one of: {names}")
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Reads a YAML config, resolving `base:` (a file or a list of files, relative to it)."""
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """One YAML file as a dict; InputError naming the file, line and column on a syntax error."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise InputError(f"invalid YAML: {problem}{where}", path,
+                         "fix the syntax (indentation, 'key: value' pairs)") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"not UTF-8 text ({e.reason} at byte {e.start})", path,
+                         "save the config as UTF-8") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(f"a config is a mapping of sections (model:, agent:, ...), got a "
+                         f"{type(data).__name__}", path, "write 'section:' blocks of 'key: value'")
+    return data
+
+
+def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Reads a YAML config, resolving `base:` (a file or a list of files, relative to it).
+
+    Syntax errors, bad or missing `base:` entries and `base:` cycles are InputErrors naming the file.
+    """
     path = resolve_config_path(path)
-    data = yaml.safe_load(path.read_text()) or {}
+    if path.resolve() in _chain:
+        cycle = " -> ".join(p.name for p in (*_chain, path.resolve()))
+        raise InputError(f"base: cycle {cycle}", path, "remove the base: entry that leads back")
+    data = _read_yaml(path)
     bases = data.pop("base", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise InputError(f"base: must be a file name or a list of them, got {bases!r}", path,
+                         "write base: memagent.yaml (paths are relative to this file)")
     merged: dict[str, Any] = {}
-    for b in [bases] if isinstance(bases, str) else bases:
+    for b in bases:
         bpath = path.parent / b if (path.parent / b).is_file() else b
-        merged = _merge(merged, load_yaml(bpath))
+        try:
+            resolved = resolve_config_path(bpath)
+        except FileNotFoundError:
+            raise InputError(f"base config {b!r} not found", path,
+                             "fix the base: entry (a path relative to this file, or a name under "
+                             f"{CONFIG_DIR})") from None
+        merged = _merge(merged, load_yaml(resolved, (*_chain, path.resolve())))
     return _merge(merged, data)
 
 
@@ -262,10 +309,60 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+#: Settings that must be >= 1, with what they count (validate_config).
+POSITIVE_SETTINGS: dict[str, str] = {
+    "trainer.total_steps": "RL steps to run",
+    "trainer.save_every": "steps between checkpoints",
+    "agent.chunk_size": "tokens per chunk",
+    "agent.max_memory_tokens": "memory tokens",
+    "agent.max_final_new_tokens": "answer tokens",
+    "agent.question_budget": "question tokens",
+    "rollout.group_size": "rollouts per document",
+    "rl.train_batch_size": "documents per RL step",
+    "rl.gen_batch_size": "documents per generation batch",
+    "rl.mini_batch_size": "documents per optimizer step",
+    "rl.micro_batch_tokens": "tokens per micro-batch",
+    "rl.ppo_epochs": "epochs per RL step",
+    "rl.logprob_chunk": "positions per log-prob chunk",
+}
+
+
+def validate_config(cfg: Config, source: str | Path | None = None,
+                    overrides: list[str] | None = None) -> Config:
+    """Check the numeric knobs up front (POSITIVE_SETTINGS >= 1); returns `cfg`.
+
+    The InputError names the setting, where it came from (`source`, or "command line" when an
+    override set it) and the fix, before anything is trained or written.
+    """
+    given = {o.split("=", 1)[0].strip() for o in overrides or []}
+    defaults = Config()
+    for key, what in POSITIVE_SETTINGS.items():
+        value = cfg
+        default: Any = defaults
+        for part in key.split("."):
+            value, default = getattr(value, part), getattr(default, part)
+        if value < 1:
+            where = "command line" if key in given else (os.fspath(source) if source else None)
+            raise InputError(f"{key}={value} is not a positive number of {what}", where,
+                             f"set {key} >= 1 (default {default})")
+    return cfg
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Config from a YAML file (or defaults) plus `key.sub=value` overrides, validated."""
-    data = load_yaml(path) if path else {}
-    return from_dict(Config, apply_overrides(data, overrides or []))
+    """Config from a YAML file (or defaults) plus `key.sub=value` overrides, validated.
+
+    A demo config (a top-level `demo:` section, configs/tiny.yaml) is an InputError pointing at
+    `memagent-jax demo`, which reads it.
+    """
+    source = resolve_config_path(path) if path else None
+    data = load_yaml(source) if source else {}
+    if "demo" in data:
+        raise InputError(f"{source.name} is a demo config (its demo: section is read by "
+                         "`memagent-jax demo`), not a train config", source,
+                         f"run `memagent-jax demo{'' if source.stem == 'tiny' else ' --config ' + source.stem}`"
+                         " to train and evaluate it; `memagent-jax train` and `plan` take configs "
+                         "such as memagent.yaml")
+    return validate_config(from_dict(Config, apply_overrides(data, overrides or [])), source, overrides)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -404,35 +404,37 @@ def _names(text: str) -> list[str]:
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the `memagent-jax eval` options to `parser` (see `run_eval_cli`)."""
+    from memagent_jax.checks import positive_int
+
     a = parser.add_argument
     a("--model", required=True, help="HF model directory (config.json, safetensors, tokenizer files)")
     a("--tasks", required=True, help=f"comma-separated tasks: {', '.join(KNOWN_TASKS)}")
     a("--lengths", required=True,
       help="comma-separated lengths: tokens for RULER tasks (8K = 8192), documents for hotpotqa (50,100)")
-    a("--num-samples", type=int, default=128, help="samples per (task, length) (default 128)")
+    a("--num-samples", type=positive_int, default=128, help="samples per (task, length) (default 128)")
     a("--out", required=True, help="output folder; rerunning with the same settings resumes")
     a("--temperature", type=float, default=0.7)
     a("--top-p", type=float, default=0.95)
     a("--top-k", type=int, default=0)
     a("--seed", type=int, default=0)
     a("--policy", default="overwrite", help="memory policy name or module.path:ClassName")
-    a("--chunk-size", type=int, default=None,
+    a("--chunk-size", type=positive_int, default=None,
       help="tokens per chunk (overwrite policy; default: the largest that fits the model's window)")
-    a("--max-memory-tokens", type=int, default=None,
+    a("--max-memory-tokens", type=positive_int, default=None,
       help="memory size = memory-turn generation budget (default 1024, or window/8 if smaller)")
-    a("--max-final-new-tokens", type=int, default=None,
+    a("--max-final-new-tokens", type=positive_int, default=None,
       help="answer generation budget (default 1024, or window/8 if smaller)")
     a("--final-style", default="boxed", choices=["boxed", "answer_is"])
-    a("--question-budget", type=int, default=None,
+    a("--question-budget", type=positive_int, default=None,
       help="tokens kept for the question (default 1024, or window/8 if smaller)")
     a("--enable-thinking", action="store_true",
       help="let a Qwen3 model think (default: non-thinking prompts); thinking is never kept in the memory")
     a("--hotpotqa", default=None, help="HotpotQA distractor-format JSON (required for task hotpotqa)")
     a("--squad", default=None, help="SQuAD v1.1 JSON (required for task qa_1)")
     a("--baselines", default="full_context", help="comma-separated baseline policies ('none' for none)")
-    a("--max-context-tokens", type=int, default=None,
+    a("--max-context-tokens", type=positive_int, default=None,
       help="full_context window (prompt + answer); default: the model's max_position_embeddings")
-    a("--batch-size", type=int, default=16, help="documents per rollout batch")
+    a("--batch-size", type=positive_int, default=16, help="documents per rollout batch")
     a("--dtype", default="float32", help="weight dtype (float32, bfloat16)")
     a("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -467,13 +469,11 @@ def fit_agent_to_window(args: argparse.Namespace, tokenizer: Any, window: int, *
 
 def run_eval_cli(args: argparse.Namespace) -> dict[str, Any]:
     """`memagent-jax eval`: load the model and tokenizer from args.model, evaluate, print the report."""
-    from memagent_jax.models import from_pretrained
+    from memagent_jax.checks import load_checked
     from memagent_jax.models.model_config import dtype_from_name
-    from memagent_jax.tokenizer import load_tokenizer
 
     tasks, lengths, dtype = _check_tasks(_names(args.tasks)), parse_lengths(args.lengths), dtype_from_name(args.dtype)
-    tokenizer = load_tokenizer(args.model)  # (inputs are checked before loading a possibly large model)
-    model = from_pretrained(args.model, dtype=dtype)
+    model, tokenizer = load_checked(args.model, dtype=dtype)  # files are checked before the weights load
     agent = fit_agent_to_window(args, tokenizer, model.config.max_position_embeddings,
                                 source=str(Path(args.model) / "config.json"))
     results = evaluate(model, tokenizer, tasks=tasks, lengths=lengths, num_samples=args.num_samples,

@@ -64,10 +64,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import numbers
 from pathlib import Path
 from typing import Any
 
 from memagent_jax.config import Config, load_config
+from memagent_jax.errors import InputError
 from memagent_jax.models.model_config import ModelConfig
 from memagent_jax.models.sharding import DECODE_RULES, MESH_AXES, TRAIN_RULES, MeshConfig
 from memagent_jax.models.transformer import param_logical_axes, param_shapes
@@ -377,6 +379,7 @@ def plan(cfg: Config, devices: int, hbm_gib: float, *, hf_config: dict | None = 
          rollout_rows: int | None = None, mesh: tuple[int, int, int] | None = None,
          suggest: bool = True) -> PlanReport:
     """Per-device memory of the train step and the rollout for `cfg` on `devices` x `hbm_gib`."""
+    check_devices(devices, hbm_gib)
     name, model = resolve_model(cfg, hf_config)
     if mesh is None:
         mesh = MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor).resolve(devices)
@@ -400,6 +403,7 @@ def suggest_meshes(cfg: Config, devices: int, hbm_gib: float, *, hf_config: dict
                    ) -> list[MeshSuggestion]:
     """Valid (data, fsdp, tensor) factorizations of `devices` whose train step fits (and rollout,
     with `require_rollout`), best first: fewer tensor, then more fsdp, then more rollout rows."""
+    check_devices(devices, hbm_gib)
     _, model = resolve_model(cfg, hf_config)
     out = []
     for t in range(1, devices + 1):
@@ -472,8 +476,20 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hbm-gib", type=float, required=True, help="memory per accelerator, GiB")
 
 
+def check_devices(devices: Any, hbm_gib: Any) -> None:
+    """InputError unless `devices` >= 1 and `hbm_gib` is a positive finite number."""
+    if isinstance(devices, bool) or not isinstance(devices, numbers.Integral) or devices < 1:
+        raise InputError(f"--devices {devices} is not a number of accelerators", None,
+                         "pass --devices N with N >= 1 (e.g. --devices 8)")
+    if isinstance(hbm_gib, bool) or not isinstance(hbm_gib, numbers.Real) or not (
+            math.isfinite(hbm_gib) and hbm_gib > 0):
+        raise InputError(f"--hbm-gib {hbm_gib} is not an amount of memory", None,
+                         "pass the GiB of one accelerator, e.g. --hbm-gib 80")
+
+
 def run_plan_cli(args: argparse.Namespace) -> int:
     """Prints the plan table; exit status 0 if both phases fit, 1 if not."""
+    check_devices(args.devices, args.hbm_gib)  # before reading any config
     report = plan(load_config(args.config, list(args.overrides or [])), args.devices, args.hbm_gib)
     print(format_plan(report))
     return 0 if report.fits else 1

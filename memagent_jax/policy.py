@@ -6,11 +6,11 @@ from typing import Any
 
 import jax
 
+from memagent_jax.checks import check_vocab, load_checked
 from memagent_jax.config import Config
 from memagent_jax.models import (
     MeshConfig,
     ModelConfig,
-    from_pretrained,
     init_model,
     make_mesh,
     shard_state,
@@ -56,18 +56,15 @@ def load_policy(cfg: Config, mesh: jax.sharding.Mesh | None = None, seed: int = 
     tok_dir = cfg.tokenizer or cfg.model.path
     if not tok_dir:
         raise ValueError("no tokenizer: set tokenizer=DIR (or model.path=DIR with tokenizer files)")
+    if cfg.model.path:  # files checked (config.json, safetensors headers, vocabulary) before loading
+        return load_checked(cfg.model.path, tok_dir, dtype=dtype_from_name(cfg.model.param_dtype),
+                            compute_dtype=dtype_from_name(cfg.model.dtype), mesh=mesh,
+                            remat=cfg.model.remat)
     tokenizer = load_tokenizer(tok_dir)
-    if cfg.model.path:
-        model = from_pretrained(cfg.model.path, dtype=dtype_from_name(cfg.model.param_dtype),
-                                compute_dtype=dtype_from_name(cfg.model.dtype), mesh=mesh,
-                                remat=cfg.model.remat)
-    else:
-        model = init_model(random_model_config(cfg, tokenizer.vocab_size), seed=seed)
-        if mesh is not None:
-            shard_state(model, mesh)
-    if model.config.vocab_size < tokenizer.vocab_size:
-        raise ValueError(
-            f"the model's vocabulary ({model.config.vocab_size}) is smaller than the tokenizer's "
-            f"({tokenizer.vocab_size}): the tokenizer in {tok_dir} does not belong to this model"
-        )
+    model_config = random_model_config(cfg, tokenizer.vocab_size)
+    check_vocab(tokenizer, model_config.vocab_size, tok_dir,
+                fix="set model.vocab_size=0 (the tokenizer's) or at least the tokenizer's size")
+    model = init_model(model_config, seed=seed)
+    if mesh is not None:
+        shard_state(model, mesh)
     return model, tokenizer

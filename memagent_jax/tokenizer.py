@@ -31,6 +31,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from memagent_jax.chat_templates import (CHATML_TEMPLATE, DEFAULT_SYSTEM_PROMPT,  # noqa: F401
                                          LLAMA3_TEMPLATE, QWEN2_5_TEMPLATE, QWEN3_TEMPLATE,
                                          chatml_template)
+from memagent_jax.errors import InputError
 
 Message = dict[str, Any]
 
@@ -141,8 +142,15 @@ def _token_str(value: Any) -> str | None:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    """The JSON object in `path`, or {} when the file does not exist."""
-    data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """The JSON object in `path`, or {} when the file does not exist; InputError naming the file
+    when it is not valid JSON."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path.name} is not valid JSON ({e})", path,
+                         "fix the file or copy it again from the checkpoint") from None
     return data if isinstance(data, dict) else {}
 
 
@@ -234,7 +242,11 @@ class HFTokenizer(_ChatMixin):
         path = self.source_dir / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: an HF tokenizer needs tokenizer.json")
-        self._tok = tokenizers.Tokenizer.from_file(str(path))
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # the Rust library raises a plain Exception
+            raise InputError(f"unreadable tokenizer.json ({e})", path,
+                             "copy tokenizer.json again from the checkpoint") from None
         config = _read_json(self.source_dir / "tokenizer_config.json")
         self._add_config_tokens(config, tokenizers.AddedToken)
         self.special_tokens_map: dict[str, str] = {
@@ -293,7 +305,11 @@ class SentencePieceTokenizer(_ChatMixin):
             raise FileNotFoundError(f"{path} not found: SentencePiece needs tokenizer.model")
         self.model_file = path
         self.source_dir = path.parent
-        self._sp = spm.SentencePieceProcessor(model_file=str(path))
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:
+            raise InputError(f"unreadable SentencePiece model ({e})", path,
+                             "copy tokenizer.model again from the checkpoint") from None
         self.vocab_size: int = int(self._sp.get_piece_size())
         config = _read_json(self.source_dir / "tokenizer_config.json")
         self.chat_template = _read_template(self.source_dir, config) or CHATML_TEMPLATE

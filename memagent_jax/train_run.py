@@ -9,7 +9,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from memagent_jax.config import Config, load_config
+from memagent_jax.config import Config, load_config, validate_config
 from memagent_jax.data.loader import loader_state, make_loader, restore_loader
 from memagent_jax.data.sources import training_source
 from memagent_jax.policy import build_mesh, init_distributed, load_policy
@@ -19,6 +19,7 @@ from memagent_jax.rl.trainer import RewardFn, Trainer
 def make_trainer(cfg: Config, *, reward_fn: RewardFn | None = None, model: Any = None,
                  tokenizer: Any = None) -> Trainer:
     """A Trainer for `cfg` with the configured data source and a grain loader (exact resume)."""
+    validate_config(cfg)  # numeric knobs, before anything is loaded or written
     init_distributed(cfg)
     mesh = build_mesh(cfg)
     if model is None or tokenizer is None:
