@@ -142,6 +142,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_data(args: argparse.Namespace) -> int:
     from memagent_jax.data.tfds_builders import build_dataset
 
+    from memagent_jax.errors import InputError
+
+    bad = [kv for kv in args.inputs if "=" not in kv]
+    if bad:
+        raise InputError(f"builder input {bad[0]!r} is not key=value", None,
+                         "write e.g. path=hotpot_dev_distractor_v1.json")
     inputs = dict(kv.split("=", 1) for kv in args.inputs)
     path = build_dataset(args.name, args.config, args.data_dir, overwrite=args.overwrite, **inputs)
     print(f"built {args.name}/{args.config} in {path}")
@@ -160,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name: str, **kwargs: Any) -> argparse.ArgumentParser:
-        return sub.add_parser(name, parents=[common], **kwargs)
+        parser = sub.add_parser(name, parents=[common], **kwargs)
+        parser.set_defaults(_parser=parser, _pairs=None)  # _pairs: where stray key=value args go
+        return parser
 
     d = add("demo", help="the embedded default: train + evaluate a tiny memory agent")
     d.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
@@ -172,12 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --from-scratch: replace the shipped base (memagent_jax/demo/base) with this run's")
     d.add_argument("--until", default=None, metavar="STAGE", help="stop after this stage")
     d.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    d.set_defaults(fn=_cmd_demo)
+    d.set_defaults(fn=_cmd_demo, _pairs="overrides")
 
     t = add("train", help="DAPO RL of the memory agent")
     t.add_argument("config", help="YAML config (a path or a name under configs/)")
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    t.set_defaults(fn=_cmd_train)
+    t.set_defaults(fn=_cmd_train, _pairs="overrides")
 
     a = add("answer", help="answer a question about a document of any length")
     a.add_argument("--model", required=True, help="HF model directory (config.json, safetensors, tokenizer)")
@@ -223,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data-dir", required=True)
     b.add_argument("--overwrite", action="store_true")
     b.add_argument("inputs", nargs="*", help="builder inputs as key=value (e.g. path=FILE)")
-    b.set_defaults(fn=_cmd_data)
+    b.set_defaults(fn=_cmd_data, _pairs="inputs")
 
     pl = add("plan", help="per-device memory plan for a config; suggests mesh shapes")
     try:
@@ -232,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_plan_arguments(pl)
     except ImportError:
         pass
-    pl.set_defaults(fn=_cmd_plan)
+    pl.set_defaults(fn=_cmd_plan, _pairs="overrides")
     return p
 
 
@@ -262,13 +270,30 @@ def error_message(command: str, e: BaseException) -> str:
     return f"memagent-jax {command}: error: {text}"
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; `key=value` arguments may come anywhere, also after options.
+
+    argparse fills a trailing `nargs="*"` positional before it meets the options, so
+    `data NAME CONFIG --data-dir DIR path=FILE` would leave `path=FILE` unrecognized: such
+    arguments are appended to the command's overrides / inputs (in command-line order).
+    """
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:
+        pairs = [x for x in extra if "=" in x and not x.startswith("-")]
+        rest = [x for x in extra if not ("=" in x and not x.startswith("-"))]
+        if rest or args._pairs is None:
+            args._parser.error(f"unrecognized arguments: {' '.join(rest or extra)}")
+        getattr(args, args._pairs).extend(pairs)
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `memagent-jax` console script.
 
     Bad input prints one line (`memagent-jax <command>: error: <what> (<file>): <fix>`) and
     returns 2; `--debug` (before or after the command) raises instead, with the traceback.
     """
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return int(args.fn(args) or 0)
     except _input_errors() as e:

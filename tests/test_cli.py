@@ -114,3 +114,53 @@ def test_unknown_config_key_is_a_clear_cli_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "memagent_jax", "train", "memagent", "rl.nope=1"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and "unknown config key 'rl.nope'" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- commands as the README writes them
+
+HOTPOT = Path(__file__).resolve().parent / "data" / "hotpot_dev_distractor_60.json"
+
+
+def test_data_takes_key_value_inputs_after_options(tmp_path, capsys):
+    from memagent_jax import cli
+
+    argv = ["data", "ruler_hotpotqa", "n200", "--data-dir", str(tmp_path), f"path={HOTPOT}"]
+    assert cli.main(argv) == 0
+    assert "built ruler_hotpotqa/n200 in " in capsys.readouterr().out
+    assert cli.main(["data", "ruler_hotpotqa", "n200", "junk", "--data-dir", str(tmp_path)]) == 2
+    assert "error: builder input 'junk' is not key=value: write e.g. path=" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["plan", "qwen3_4b_memagent", "--devices", "8", "--hbm-gib", "80", "rollout.max_rows_per_call=64"],
+    ["plan", "qwen3_4b_memagent", "rollout.max_rows_per_call=32", "--devices", "8",
+     "rollout.max_rows_per_call=64", "--hbm-gib", "80"],  # later wins, as on one line
+    ["plan", "--devices", "8", "qwen3_4b_memagent", "--hbm-gib", "80", "rollout.max_rows_per_call=64"],
+])
+def test_plan_overrides_anywhere(argv, capsys):
+    from memagent_jax import cli
+
+    assert cli.main(argv) == 0
+    assert "rollout rows per generate call: configured 64," in capsys.readouterr().out
+
+
+def test_stray_arguments_are_still_rejected(capsys):
+    from memagent_jax import cli
+
+    for argv in (["answer", "--model", "m", "--doc", "d", "--question", "q", "k=v"],
+                 ["plan", "memagent", "--devices", "8", "--hbm-gib", "80", "--nope"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 2
+        assert "error: unrecognized arguments: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["train", "tiny"], ["plan", "tiny", "--devices", "1", "--hbm-gib", "16"]])
+def test_demo_config_points_at_the_demo(argv, capsys):
+    from memagent_jax import cli
+
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"memagent-jax {argv[0]}: error: tiny.yaml is a demo config (its demo: section "
+                          "is read by `memagent-jax demo`), not a train config (")
+    assert "configs/tiny.yaml): run `memagent-jax demo` to train and evaluate it" in err
