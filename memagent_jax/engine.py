@@ -240,7 +240,8 @@ class Engine:
             raise ValueError(f"max_new_tokens must be > 0, got {request.max_new_tokens}")
         if n + request.max_new_tokens > self.max_len:
             raise ValueError(f"prompt ({n} tokens) + max_new_tokens ({request.max_new_tokens}) "
-                             f"exceed the engine's max_len={self.max_len}; raise max_len")
+                             f"exceed the engine's max_len={self.max_len}; raise max_len "
+                             "(rollout.engine_max_len in a training config)")
         if request.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {request.temperature}")
         if not 0.0 < request.top_p <= 1.0:

@@ -179,3 +179,39 @@ def test_rollout_on_engine_equals_static_rollout():
     assert {c.finish_reason for c in cont.conversations} == {"eos", "length"}
     engine_stats = cont.stats.pop("engine")
     assert cont.stats == static.stats and 0 < engine_stats["occupancy"] <= 1
+
+
+def test_trainer_collect_on_engine_equals_static(tmp_path):
+    """`rollout.engine=continuous` gives the trainer the same generation batch as `static`."""
+    from memagent_jax.agent.rollout import EngineGenerateFn
+    from memagent_jax.config import load_config
+    from memagent_jax.rl.trainer import Trainer
+    from tiny_policy import AsciiTokenizer, docs, tiny_model
+
+    tok = AsciiTokenizer()
+
+    def collect(engine: str, out: str):
+        cfg = load_config(None, [
+            "agent.memory_template=Q{prompt}M{memory}C{chunk}>", "agent.final_template=Q{prompt}M{memory}>",
+            "agent.first_memory=-", "agent.chunk_size=12", "agent.max_chunks=3",
+            "agent.max_memory_tokens=4", "agent.max_final_new_tokens=4", "agent.question_budget=16",
+            "rollout.group_size=3", "rl.train_batch_size=2", "rl.gen_batch_size=2",
+            "rl.mini_batch_size=2", f"trainer.out_dir={tmp_path / out}", "trainer.progress=false",
+            "trainer.async_checkpoint=false", f"rollout.engine={engine}", "rollout.engine_slots=4"])
+        stream = iter([docs(2, n, seed=1) for n in (30, 20, 40, 25)])
+        trainer = Trainer(cfg, tiny_model(seed=5), tok, stream,
+                          reward_fn=lambda t: (float(t.trajectory_id % 2),) * 2)
+        fn = trainer.generate_fn()
+        assert isinstance(fn, EngineGenerateFn) == (engine == "continuous")
+        got = trainer.collect()
+        trainer.close()
+        return got.batch, fn
+
+    static, _ = collect("static", "a")
+    cont, fn = collect("continuous", "b")
+    # Bounded by the agent's budgets (chat template + 16 + 4 + 12 + 4), not the 4096 window.
+    assert max(len(c.prompt) + 4 for c in cont.conversations) <= fn.engine_config["max_len"] <= 128
+    assert [t.memories for t in static.trajectories] == [t.memories for t in cont.trajectories]
+    for a, b in zip(static.conversations, cont.conversations, strict=True):
+        assert (a.prompt, a.response, a.finish_reason) == (b.prompt, b.response, b.finish_reason)
+        np.testing.assert_allclose(a.sampler_logps, b.sampler_logps, atol=1e-5)

@@ -327,12 +327,14 @@ def _rollout_continuous(docs: list[_Doc], trajs: list[Trajectory], memory: list[
 
 class EngineGenerateFn:
     """A `generate_fn` whose rollout runs on the continuous-batching engine (`rollout()` detects
-    it by `engine_config`). Called directly (or by a multi-host rollout), it is the static
-    `sampler.generate`, the reference path."""
+    it by `engine_config`). Called directly (or by a multi-host rollout), it is the static path:
+    `static_fn` if given, else `sampler.generate` with the same defaults."""
 
     def __init__(self, model: Any, tokenizer: Any, *, slots: int = 64, max_len: int | None = None,
-                 decode_steps: int = 32, prefill_chunk: int = 512, **defaults: Any) -> None:
+                 decode_steps: int = 32, prefill_chunk: int = 512,
+                 static_fn: GenerateFn | None = None, **defaults: Any) -> None:
         self.model, self.defaults = model, {k: v for k, v in defaults.items() if v is not None}
+        self.static_fn = static_fn
         self.eos_ids = tuple(int(e) for e in tokenizer.eos_ids)
         self.vocab_limit = int(tokenizer.vocab_size)
         self.engine_config = dict(slots=slots, max_len=max_len or model.config.max_position_embeddings,
@@ -345,6 +347,8 @@ class EngineGenerateFn:
 
     def __call__(self, prompts: list[list[int]], *, max_new_tokens: int, seed: int,
                  **overrides: Any) -> SampleOutput:
+        if self.static_fn is not None:
+            return self.static_fn(prompts, max_new_tokens=max_new_tokens, seed=seed, **overrides)
         from memagent_jax import sampler
 
         kwargs = {"eos_ids": self.eos_ids, "vocab_limit": self.vocab_limit, **self.defaults,

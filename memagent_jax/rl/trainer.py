@@ -30,7 +30,7 @@ from flax import nnx
 from memagent_jax import sampler
 from memagent_jax.agent.memory import make_policy
 from memagent_jax.agent.prompts import builder_from_config
-from memagent_jax.agent.rollout import RolloutResult, rollout
+from memagent_jax.agent.rollout import RolloutResult, engine_generate_fn, rollout
 from memagent_jax.checkpoint import RunCheckpointer, StopSignal
 from memagent_jax.config import Config, save_config
 from memagent_jax.distributed import allgather_objects, global_array, global_max, to_host
@@ -166,7 +166,23 @@ class Trainer:
                                 logps=[lp for o in outs for lp in o.logps],
                                 finish_reasons=[f for o in outs for f in o.finish_reasons])
 
-        return generate
+        if r.engine == "static":
+            return generate
+        if r.engine != "continuous":
+            raise ValueError(f"rollout.engine={r.engine!r}: expected 'static' or 'continuous'")
+        return engine_generate_fn(
+            model, tok, slots=r.engine_slots, max_len=r.engine_max_len or self._engine_max_len(model),
+            decode_steps=r.engine_decode_steps, static_fn=generate,
+            temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
+
+    def _engine_max_len(self, model: Any) -> int:
+        """Cache positions per engine slot: the longest prompt the agent's budgets allow (template,
+        question, memory, chunk) plus the longer reply, bucketed, within the model's window."""
+        a = self.cfg.agent
+        template = max(len(self.builder.memory_prompt([], [], [])), len(self.builder.final_prompt([], [])))
+        need = template + a.question_budget + a.max_memory_tokens + a.chunk_size + max(
+            a.max_memory_tokens, a.max_final_new_tokens)
+        return min(sampler.bucket(need), model.config.max_position_embeddings)
 
     # ------------------------------------------------------------------------------ collect
     @staticmethod
