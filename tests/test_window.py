@@ -72,9 +72,7 @@ def test_answer_default_chunk_is_the_largest_that_fits(model_dir, tmp_path, caps
     line = next(x for x in err.splitlines() if x.startswith("chunk "))
     chunk = int(line.split()[1])
     q = len(tok.encode("What is it about?"))
-    from memagent_jax.agent.prompts import PromptBuilder as PB
-
-    expected = fit_window(PB(tok), WINDOW, question_budget=q, memory_tokens=4, answer_tokens=4)
+    expected = fit_window(PromptBuilder(tok), WINDOW, question_budget=q, memory_tokens=4, answer_tokens=4)
     assert chunk == expected.chunk_size > 500 and "(the largest that fits)" in line
     assert f"of the {WINDOW}-token window" in line
     n_chunks = int(err.split(" chunks,")[0].split()[-1])
