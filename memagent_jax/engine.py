@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from memagent_jax.models.sharding import DECODE_RULES, batch_multiple, batch_sharding, cache_sharding
 from memagent_jax.models.transformer import Decoder, KVCache
 from memagent_jax.sampler import (
     MAX_STOP_IDS, _argmax, _pow2_bucket, _prefill, bucket, decode_state, filter_logits,
@@ -112,9 +113,22 @@ def _sample_rows(logits: jax.Array, keys: jax.Array, step: jax.Array, s: dict[st
     return ids, jnp.take_along_axis(logps, ids[:, None], axis=-1)[:, 0]
 
 
+def _slot_shardings(slots: dict[str, Any], mesh: Any) -> dict[str, Any]:
+    """Slot arrays on `mesh`: caches by the decode cache rule, the rest batch-major."""
+    return {name: cache_sharding(mesh, DECODE_RULES) if name in ("k", "v")
+            else batch_sharding(mesh, DECODE_RULES, x.ndim) for name, x in slots.items()}
+
+
+def _constrain(slots: dict[str, jax.Array], mesh: Any) -> dict[str, jax.Array]:
+    if mesh is None:
+        return slots
+    shardings = _slot_shardings(slots, mesh)
+    return {n: jax.lax.with_sharding_constraint(x, shardings[n]) for n, x in slots.items()}
+
+
 def _prefill_program(graphdef: Any, state: Any, slots: dict[str, jax.Array], ids: jax.Array,
                      lens: jax.Array, row_to_unique: jax.Array, slot_idx: jax.Array,
-                     new: dict[str, jax.Array], *, chunk: int) -> dict[str, jax.Array]:
+                     new: dict[str, jax.Array], *, chunk: int, mesh: Any) -> dict[str, jax.Array]:
     """Prefills unique prompts [U, P] and inserts them into slots `slot_idx` [M] (out of range:
     a padding row, dropped). `new` holds the rows' keys and sampling parameters."""
     STATS.compilations += 1  # trace time only
@@ -132,11 +146,11 @@ def _prefill_program(graphdef: Any, state: Any, slots: dict[str, jax.Array], ids
     out["active"] = put(slots["active"], jnp.ones(slot_idx.shape, bool))
     for name, value in new.items():
         out[name] = put(slots[name], value)
-    return out
+    return _constrain(out, mesh)
 
 
 def _decode_program(graphdef: Any, state: Any, slots: dict[str, jax.Array],
-                    vocab_limit: jax.Array, stop_early: jax.Array, *, steps: int
+                    vocab_limit: jax.Array, stop_early: jax.Array, *, steps: int, mesh: Any
                     ) -> tuple[dict[str, jax.Array], jax.Array]:
     """Advances every active slot by up to `steps` tokens; returns the slots and the iterations
     run. Stops after the first iteration in which a slot finishes if `stop_early`."""
@@ -167,24 +181,24 @@ def _decode_program(graphdef: Any, state: Any, slots: dict[str, jax.Array],
         s["k"], s["v"] = cache.k, cache.v
         s["logits"] = model.logits(hidden)[:, 0]
         s["step"], s["active"] = new_step, active & ~finished
-        s["occupancy"] = s["occupancy"] + jnp.sum(active.astype(jnp.int32))
-        return i + 1, finished_any | jnp.any(finished), s
+        occupancy = s.pop("occupancy") + jnp.sum(active.astype(jnp.int32))
+        return i + 1, finished_any | jnp.any(finished), dict(_constrain(s, mesh), occupancy=occupancy)
 
     slots = dict(slots, occupancy=jnp.int32(0))
     i, _, out = jax.lax.while_loop(cond, body, (jnp.int32(0), jnp.bool_(False), slots))
     occupancy = out.pop("occupancy")
-    return out, jnp.stack([i, occupancy])
+    return _constrain(out, mesh), jnp.stack([i, occupancy])
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted_prefill(chunk: int) -> Any:
-    return jax.jit(functools.partial(_prefill_program, chunk=chunk), static_argnums=0,
+def _jitted_prefill(chunk: int, mesh: Any) -> Any:
+    return jax.jit(functools.partial(_prefill_program, chunk=chunk, mesh=mesh), static_argnums=0,
                    donate_argnums=2)
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted_decode(steps: int) -> Any:
-    return jax.jit(functools.partial(_decode_program, steps=steps), static_argnums=0,
+def _jitted_decode(steps: int, mesh: Any) -> Any:
+    return jax.jit(functools.partial(_decode_program, steps=steps, mesh=mesh), static_argnums=0,
                    donate_argnums=2)
 
 
@@ -194,23 +208,27 @@ class Engine:
 
     `submit` queues a request and returns its id; `run()` yields `Result`s as requests finish
     (more requests may be submitted while iterating). Ids >= `vocab_limit` are never sampled.
+    On a `mesh` (one process), slots are split over the decode batch axes (their count rounded
+    up to a multiple of the batch shards) and weights laid out by the decode rules.
     Programs compiled: one decode program per (slots, max_len, decode_steps) and one prefill
     program per (batch bucket, unique-prompt bucket, prompt-length bucket).
     """
 
     def __init__(self, model: Decoder, *, slots: int = 16, max_len: int = 1024,
                  decode_steps: int = 32, prefill_chunk: int = 512, vocab_limit: int | None = None,
-                 share_prefill: bool = True, state: tuple[Any, Any] | None = None) -> None:
+                 share_prefill: bool = True, state: tuple[Any, Any] | None = None,
+                 mesh: jax.sharding.Mesh | None = None) -> None:
         cfg = model.config
         if max_len < 2 or max_len > cfg.max_position_embeddings:
             raise ValueError(f"max_len={max_len} must be in [2, max_position_embeddings="
                              f"{cfg.max_position_embeddings}]")
         self.model, self.config = model, cfg
-        self.num_slots = _pow2_bucket(max(1, slots))
+        self.mesh = mesh
+        self.num_slots = _pow2_bucket(max(1, slots), batch_multiple(mesh, DECODE_RULES))
         self.max_len, self.decode_steps = int(max_len), int(decode_steps)
         self.prefill_chunk, self.share_prefill = int(prefill_chunk), share_prefill
         self.vocab_limit = np.int32(vocab_limit or cfg.vocab_size)
-        self.graphdef, self.state = state if state is not None else decode_state(model, None)
+        self.graphdef, self.state = state if state is not None else decode_state(model, mesh)
         self._queue: collections.deque[tuple[int, Request]] = collections.deque()
         self._slot_owner: list[int | None] = [None] * self.num_slots
         self._requests: dict[int, Request] = {}
@@ -221,7 +239,7 @@ class Engine:
     def _empty_slots(self) -> dict[str, jax.Array]:
         S, W, cfg = self.num_slots, self.max_len, self.config
         cache = KVCache.zeros(cfg, S, W)
-        return dict(
+        slots = dict(
             k=cache.k, v=cache.v, logits=jnp.zeros((S, cfg.vocab_size), jnp.float32),
             plen=jnp.ones((S,), jnp.int32), step=jnp.zeros((S,), jnp.int32),
             active=jnp.zeros((S,), bool), keys=jnp.zeros((S, 2), jnp.uint32),
@@ -230,6 +248,9 @@ class Engine:
             stop_ids=jnp.full((S, MAX_STOP_IDS), -1, jnp.int32),
             tokens=jnp.zeros((S, W), jnp.int32), logps=jnp.zeros((S, W), jnp.float32),
         )
+        if self.mesh is None:
+            return slots
+        return jax.device_put(slots, _slot_shardings(slots, self.mesh))
 
     def submit(self, request: Request) -> int:
         """Queues a request (validated now); returns its id."""
@@ -301,7 +322,7 @@ class Engine:
         self._requests.update({rid: r for rid, r in batch})
         STATS.prefill_calls += 1
         self._counts["prefill_calls"] += 1
-        self._slots = _jitted_prefill(chunk)(self.graphdef, self.state, self._slots, ids, lens,
+        self._slots = _jitted_prefill(chunk, self.mesh)(self.graphdef, self.state, self._slots, ids, lens,
                                              rows, slot_idx, new)
 
     def _collect(self) -> list[Result]:
@@ -335,7 +356,7 @@ class Engine:
             self._refill()
             stop_early = np.bool_(len(self._queue) > 0)
             STATS.decode_calls += 1
-            self._slots, info = _jitted_decode(self.decode_steps)(
+            self._slots, info = _jitted_decode(self.decode_steps, self.mesh)(
                 self.graphdef, self.state, self._slots, self.vocab_limit, stop_early)
             iters, occupied = (int(x) for x in jax.device_get(info))
             STATS.decode_steps += iters
@@ -363,6 +384,7 @@ def engine_generate(
     prefill_chunk: int = 512,
     share_prefill: bool = True,
     state: tuple[Any, Any] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> SampleOutput:
     """`sampler.generate`'s contract on the engine: row r samples from fold_in(PRNGKey(seed), r),
     so the output equals `sampler.generate(model, prompts, ...)` for the same arguments."""
@@ -372,7 +394,7 @@ def engine_generate(
     max_len = min(bucket(longest + max_new_tokens), model.config.max_position_embeddings)
     engine = Engine(model, slots=slots or min(len(prompts), 32), max_len=max_len,
                     decode_steps=decode_steps, prefill_chunk=prefill_chunk,
-                    vocab_limit=vocab_limit, share_prefill=share_prefill, state=state)
+                    vocab_limit=vocab_limit, share_prefill=share_prefill, state=state, mesh=mesh)
     ids = [engine.submit(Request(p, max_new_tokens, row_key(seed, r), temperature, top_p, top_k,
                                  tuple(eos_ids))) for r, p in enumerate(prompts)]
     done = {res.request_id: res for res in engine.run()}

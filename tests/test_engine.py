@@ -215,3 +215,25 @@ def test_trainer_collect_on_engine_equals_static(tmp_path):
     for a, b in zip(static.conversations, cont.conversations, strict=True):
         assert (a.prompt, a.response, a.finish_reason) == (b.prompt, b.response, b.finish_reason)
         np.testing.assert_allclose(a.sampler_logps, b.sampler_logps, atol=1e-5)
+
+
+def test_engine_on_8_simulated_devices_equals_one_device():
+    """tests/multidevice/engine_checks.py in a subprocess (JAX fixes its device count at import)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent / "multidevice" / "engine_checks.py"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") +
+                         " --xla_force_host_platform_device_count=8").strip()}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 0 and lines, f"rc={proc.returncode}\n{proc.stderr[-4000:]}"
+    results = json.loads(lines[-1])
+    assert sorted(results) == ["d2_f2_t2", "d8"]
+    for name, r in results.items():
+        assert r["ok"], f"{name}:\n{r['error']}"
