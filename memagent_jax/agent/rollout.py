@@ -332,13 +332,13 @@ class EngineGenerateFn:
 
     def __init__(self, model: Any, tokenizer: Any, *, slots: int = 64, max_len: int | None = None,
                  decode_steps: int = 32, prefill_chunk: int = 512,
-                 static_fn: GenerateFn | None = None, **defaults: Any) -> None:
+                 static_fn: GenerateFn | None = None, mesh: Any = None, **defaults: Any) -> None:
         self.model, self.defaults = model, {k: v for k, v in defaults.items() if v is not None}
         self.static_fn = static_fn
         self.eos_ids = tuple(int(e) for e in tokenizer.eos_ids)
         self.vocab_limit = int(tokenizer.vocab_size)
         self.engine_config = dict(slots=slots, max_len=max_len or model.config.max_position_embeddings,
-                                  decode_steps=decode_steps, prefill_chunk=prefill_chunk)
+                                  decode_steps=decode_steps, prefill_chunk=prefill_chunk, mesh=mesh)
 
     def make_engine(self) -> Any:
         from memagent_jax import engine as eng
@@ -351,13 +351,14 @@ class EngineGenerateFn:
             return self.static_fn(prompts, max_new_tokens=max_new_tokens, seed=seed, **overrides)
         from memagent_jax import sampler
 
-        kwargs = {"eos_ids": self.eos_ids, "vocab_limit": self.vocab_limit, **self.defaults,
+        kwargs = {"eos_ids": self.eos_ids, "vocab_limit": self.vocab_limit,
+                  "mesh": self.engine_config["mesh"], **self.defaults,
                   **{k: v for k, v in overrides.items() if v is not None}}
         return sampler.generate(self.model, prompts, max_new_tokens=max_new_tokens, seed=seed, **kwargs)
 
 
 def engine_generate_fn(model: Any, tokenizer: Any, **kwargs: Any) -> EngineGenerateFn:
     """`sampler_generate_fn`'s counterpart for `rollout.engine: continuous` (see EngineGenerateFn):
-    slots, max_len (default: the model's window), decode_steps, prefill_chunk, and sampling
-    defaults (temperature, top_p, top_k)."""
+    slots, max_len (default: the model's window), decode_steps, prefill_chunk, mesh (one process),
+    static_fn (the multi-host / direct-call path) and sampling defaults (temperature, top_p, top_k)."""
     return EngineGenerateFn(model, tokenizer, **kwargs)

@@ -172,7 +172,7 @@ class Trainer:
             raise ValueError(f"rollout.engine={r.engine!r}: expected 'static' or 'continuous'")
         return engine_generate_fn(
             model, tok, slots=r.engine_slots, max_len=r.engine_max_len or self._engine_max_len(model),
-            decode_steps=r.engine_decode_steps, static_fn=generate,
+            decode_steps=r.engine_decode_steps, static_fn=generate, mesh=mesh,
             temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
 
     def _engine_max_len(self, model: Any) -> int:
