@@ -204,7 +204,8 @@ def test_default_demo_starts_from_the_shipped_base(tmp_path):
     text = "What is the secret code for people?"
     assert copied.encode(text) == shipped.encode(text) and copied.vocab_size == shipped.vocab_size
     assert (out / "pretrain" / "hf" / "model.safetensors").read_bytes() == (base.BASE_DIR / "model.safetensors").read_bytes()
-    assert json.loads((out / "pretrain" / "done.json").read_text())["date"] == prov["date"]
+    done = json.loads((out / "pretrain" / "done.json").read_text())
+    assert done["provenance"] == prov and done["seconds"] < 60  # copied, not trained
     assert (out / "sft" / "hf" / "config.json").is_file()
     with pytest.raises(ValueError, match="--from-scratch"):
         run_demo(out_dir=tmp_path / "x", config=MICRO, ship_base=True)

@@ -48,7 +48,7 @@ def copy_base(out: Path) -> dict[str, Any]:
     shutil.copytree(src, hf, ignore=shutil.ignore_patterns("metrics.jsonl", PROVENANCE, "__pycache__"))
     if (src / "metrics.jsonl").is_file():
         shutil.copyfile(src / "metrics.jsonl", out / "metrics.jsonl")
-    return {"source": str(BASE_DIR), **provenance()}
+    return {"source": str(BASE_DIR), "provenance": provenance()}
 
 
 def ship(run_root: Path, info: dict[str, Any]) -> Path:

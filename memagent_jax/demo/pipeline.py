@@ -62,6 +62,7 @@ class DemoSection:
     sft_lr: float = 1e-3
     sft_warmup_steps: int = 20
     rl_docs: int = 800
+    rl_min_distractors: int = 0  # RL documents: some with the target alone, so some chunks hold no needle
     eval_docs: int = 200  # unseen documents per length
     eval_multiples: list = dataclasses.field(default_factory=lambda: [1, 4, 16, 32, 64])
     eval_temperature: float = 0.0  # 0 = greedy
@@ -154,11 +155,13 @@ def stage_tokenizer(run: Run) -> dict[str, Any]:
 
 def spec(run: Run, chunks: int, name: str, training: bool = True) -> Any:
     """The task's document spec at `chunks` chunks (`name` tags the documents' ids and seeds);
-    training documents get up to `demo.max_decoys` plain-word key mentions."""
+    training documents get up to `demo.max_decoys` plain-word key mentions, and RL documents
+    `demo.rl_min_distractors` or more distractors."""
     from memagent_jax.demo.task import NeedleSpec
 
     d = run.demo
-    return NeedleSpec(chunk_size=run.cfg.agent.chunk_size, num_chunks=chunks, min_distractors=d.min_distractors,
+    least = d.rl_min_distractors if name == "rl" else d.min_distractors
+    return NeedleSpec(chunk_size=run.cfg.agent.chunk_size, num_chunks=chunks, min_distractors=least,
                       max_distractors=d.max_distractors, num_keys=d.num_keys, name=name,
                       max_decoys=d.max_decoys if training else 0)
 

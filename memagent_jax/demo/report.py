@@ -8,6 +8,8 @@ import os
 import platform
 from typing import Any
 
+import numpy as np
+
 POLICY_LABELS = {"rl": "RL (DAPO)", "warm_start": "warm start (SFT)",
                  "full_context": "full context (base, window)", "no_document": "no document"}
 POLICIES = ("rl", "warm_start", "full_context", "no_document")
@@ -35,17 +37,25 @@ def _plots(run: Any, results: dict[str, Any], curves: dict[str, list[dict]]) -> 
 
     names = []
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+
+    def curve(ax: Any, xs: list, ys: list, label: str | None = None) -> None:
+        """Raw values faint, a 25-step moving average on top."""
+        line, = ax.plot(xs, ys, lw=0.6, alpha=0.35)
+        k = min(25, len(ys))
+        if k:
+            avg = np.convolve(np.asarray(ys, float), np.ones(k) / k, mode="valid")
+            ax.plot(xs[k - 1:], avg, lw=1.6, color=line.get_color(), label=label)
+
     for ax, stage, title in ((axes[0], "pretrain", "base: lookup pretraining loss"),
                              (axes[1], "sft", "warm start: SFT loss")):
         m = curves.get(stage, [])
         if m:
-            ax.plot([x["step"] for x in m], [x["loss"] for x in m], lw=1)
-        ax.set(title=title, xlabel="step", ylabel="answer NLL / token", yscale="log")
+            curve(ax, [x["step"] for x in m], [x["loss"] for x in m])
+        ax.set(title=title, xlabel="step", ylabel="trained-token NLL", yscale="log")
     rl = curves.get("rl", [])
     steps = [m["step"] for m in rl]
-    axes[2].plot(steps, [m.get("reward/mean", float("nan")) for m in rl], lw=1, label="reward (kept groups)")
-    axes[2].plot(steps, [m.get("accuracy/all_mean", float("nan")) for m in rl], lw=1,
-                 label="accuracy (all sampled, T=1)")
+    curve(axes[2], steps, [m.get("reward/mean", float("nan")) for m in rl], "reward (kept groups)")
+    curve(axes[2], steps, [m.get("accuracy/all_mean", float("nan")) for m in rl], "accuracy (all sampled, T=1)")
     axes[2].set(title="RL: reward and accuracy per step", xlabel="RL step", ylim=(-0.05, 1.05))
     axes[2].legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -171,7 +181,8 @@ def write_report(run: Any) -> dict[str, Any]:
                 f"sampling (temperature {results['temperature']}, top-p {results['top_p']})")
     acc = results["accuracy"]
     stopped = json.loads(run.done_file("rl").read_text()).get("stopped_early", "")
-    pre = json.loads(run.done_file("pretrain").read_text())
+    pre_done = json.loads(run.done_file("pretrain").read_text())
+    pre = pre_done.get("provenance", pre_done)  # the shipped base's own record, or this run's
     lines = [
         "# memagent-jax demo: a tiny memory agent, trained and evaluated on one CPU", "",
         f"{summary['date']} on {summary['machine']}.", "",
@@ -186,10 +197,13 @@ def write_report(run: Any) -> dict[str, Any]:
         f"(hidden {cfg.model.hidden_size}, {cfg.model.num_layers} layers, vocab {vocab}), random init.",
         "",
         "## Stages", "",
-        f"1. Base model: {d.pretrain_steps} steps x {d.pretrain_batch_size} multi-query lookup sequences "
-        f"({pre.get('sequences', '?')} documents of 1-{d.pretrain_max_chunks} chunks, every needle asked, "
-        f"{pre.get('tokens', 0):,} tokens): the document in the answer prompt, as the full-context "
-        "baseline reads it.",
+        f"1. Base model{' (shipped: ' + pre_done['source'] + ', made ' + str(pre.get('date')) + ' in ' + str(pre.get('pretrain_wall_time_s')) + ' s by `' + str(pre.get('command')) + '`)' if 'provenance' in pre_done else ''}: "
+        f"{pre.get('pretrain', {}).get('pretrain_steps', d.pretrain_steps)} steps x "
+        f"{pre.get('pretrain', {}).get('pretrain_batch_size', d.pretrain_batch_size)} lookup sequences "
+        f"({pre.get('sequences', '?')} sequences, {pre.get('tokens', 0):,} tokens: documents of 1-"
+        f"{pre.get('pretrain', {}).get('pretrain_max_chunks', d.pretrain_max_chunks)} chunks with every needle "
+        "asked, the document in the answer prompt as the full-context baseline reads it, and repeated "
+        "random spans).",
         f"2. Warm start: {d.sft_steps} SFT steps x {d.sft_batch_size} teacher conversations of the memory "
         f"workflow from {d.sft_docs} documents; {d.careless:.0%} of them by a careless teacher that notes "
         "the first needle it sees, whatever its key.",
