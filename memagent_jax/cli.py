@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
+
+#: Exit status of a `train` stopped by SIGINT/SIGTERM (128 + SIGINT, as a shell reports Ctrl-C).
+INTERRUPTED_EXIT = 130
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -15,6 +19,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     status = run_training(cfg)
+    if status == "interrupted":  # SIGINT/SIGTERM: the trainer saved a checkpoint and stopped
+        again = shlex.join(["memagent-jax", "train", args.config, *args.overrides])
+        print(f"memagent-jax train: interrupted; checkpoint saved in {cfg.trainer.out_dir}: "
+              f"resume with `{again}`", file=sys.stderr)
+        return INTERRUPTED_EXIT
     print(f"training {status}: {cfg.trainer.out_dir}")
     return 0
 
