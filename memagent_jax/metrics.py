@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +44,10 @@ class MetricsWriter:
         """Drops lines of steps > `step` (after resuming from an earlier checkpoint)."""
         if not self.enabled or not self.path.exists():
             return
-        lines = [ln for ln in self.path.read_text().splitlines()
-                 if ln.strip() and json.loads(ln)["step"] <= step]
-        self.path.write_text("".join(ln + "\n" for ln in lines))
+        # A torn last line (the process died mid-write) is dropped here, so the next line
+        # appended starts on a line of its own.
+        rows = [r for r in _read_rows(self.path) if r["step"] <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def close(self) -> None:
         if self._tb is not None:
@@ -65,4 +67,23 @@ def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(out_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return _read_rows(path)
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of `path`; a torn (non-JSON) last line is skipped with a warning.
+
+    A bad line before the last is not a torn write: a ValueError naming the file and line.
+    """
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    rows = []
+    for i, ln in enumerate(lines):
+        try:
+            rows.append(json.loads(ln))
+        except json.JSONDecodeError as e:
+            if i < len(lines) - 1:
+                raise ValueError(f"line {i + 1} of {path} is not JSON ({e.msg}): "
+                                 "repair or delete the line") from e
+            warnings.warn(f"{path}: skipped a torn last line (an interrupted write): {ln[:60]!r}",
+                          stacklevel=3)
+    return rows

@@ -27,3 +27,28 @@ def test_finished_train_exits_zero(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train_run, "run_training", lambda cfg: "done")
     assert cli.main(["train", "memagent", f"trainer.out_dir={tmp_path}"]) == 0
     assert "training done" in capsys.readouterr().out
+
+
+def test_torn_last_metrics_line_is_skipped_and_truncated_on_resume(tmp_path):
+    from memagent_jax.metrics import MetricsWriter, read_metrics
+
+    w = MetricsWriter(tmp_path, tensorboard=False)
+    for step in (1, 2):
+        w.write(step, {"reward/mean": 0.5 * step})
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "reward/me')  # killed mid-write
+    with pytest.warns(UserWarning, match="torn last line"):
+        assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    with pytest.warns(UserWarning, match="torn last line"):
+        w.truncate_after(2)  # what the trainer does on resume
+    w.write(3, {"reward/mean": 1.5})
+    w.close()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]  # no warning, no merged line
+
+
+def test_bad_metrics_line_before_the_last_names_the_file(tmp_path):
+    from memagent_jax.metrics import read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"line 2 of .*metrics.jsonl is not JSON"):
+        read_metrics(tmp_path)
