@@ -52,3 +52,25 @@ def test_bad_metrics_line_before_the_last_names_the_file(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(ValueError, match=r"line 2 of .*metrics.jsonl is not JSON"):
         read_metrics(tmp_path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_exported_files_get_the_usual_mode(tmp_path, umask):
+    import os
+    import stat
+
+    from memagent_jax.models import ModelConfig, init_model, save_pretrained
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                      num_kv_heads=1, max_position_embeddings=64)
+    model = init_model(cfg, seed=0)
+    old = os.umask(umask)
+    try:
+        save_pretrained(model, tmp_path / "one")
+        save_pretrained(model, tmp_path / "sharded", max_shard_bytes=4096)
+    finally:
+        os.umask(old)
+    files = [*(tmp_path / "one").iterdir(), *(tmp_path / "sharded").iterdir()]
+    assert len([f for f in files if f.suffix == ".safetensors"]) > 2
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f

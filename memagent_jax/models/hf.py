@@ -9,6 +9,7 @@ no pickle, no remote code.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -191,6 +192,18 @@ def from_pretrained(
         files.close()
 
 
+def _save_weights(tensors: dict[str, np.ndarray], path: Path, meta: dict[str, str]) -> None:
+    """safetensors' save_file, then the usual file mode (0666 less the umask: 0644 by default).
+
+    save_file creates its file 0600 (owner only), which a server running as another user cannot
+    read.
+    """
+    save_file(tensors, path, metadata=meta)
+    mask = os.umask(0)  # the only portable way to read the umask is to set it
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def save_pretrained(model: Decoder, out_dir: str | Path, *, max_shard_bytes: int = 4 * 2**30) -> Path:
     """Writes an HF directory (config.json + safetensors, sharded above `max_shard_bytes`).
 
@@ -224,12 +237,12 @@ def save_pretrained(model: Decoder, out_dir: str | Path, *, max_shard_bytes: int
         size += nbytes
     meta = {"format": "pt"}
     if len(shards) == 1:
-        save_file(shards[0], out / "model.safetensors", metadata=meta)
+        _save_weights(shards[0], out / "model.safetensors", meta)
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, out / name, metadata=meta)
+            _save_weights(shard, out / name, meta)
             weight_map.update({k: name for k in shard})
         total = sum(t.nbytes for t in tensors.values())
         (out / "model.safetensors.index.json").write_text(
