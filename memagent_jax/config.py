@@ -365,6 +365,48 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return validate_config(from_dict(Config, apply_overrides(data, overrides or [])), source, overrides)
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def save_config(cfg: Config, path: str | Path, *, keep_previous: bool = False) -> Path | None:
+    """Writes the resolved config as YAML.
+
+    With `keep_previous`, an existing file with other settings (a run resumed with changed
+    settings) is kept as `config.prev-<UTC time>.yaml` beside it, with a warning naming the
+    changed keys. Returns the kept file's path, or None.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    kept = None
+    if keep_previous and path.is_file() and path.read_text() != text:
+        import time
+        import warnings
+
+        try:
+            old = _flatten(yaml.safe_load(path.read_text()) or {})
+        except yaml.YAMLError:
+            old = {}
+        new = _flatten(yaml.safe_load(text))
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        kept = path.with_name(f"{path.stem}.prev-{stamp}{path.suffix}")
+        n = 1
+        while kept.exists():  # two resumes within a second
+            n += 1
+            kept = path.with_name(f"{path.stem}.prev-{stamp}-{n}{path.suffix}")
+        path.rename(kept)
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:8])
+        more = f" (+{len(changed) - 8} more)" if len(changed) > 8 else ""
+        warnings.warn(f"{path.parent} was run with other settings ({shown}{more}); "
+                      f"the earlier config is kept as {kept.name}", stacklevel=2)
+    path.write_text(text)
+    return kept
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -74,3 +74,21 @@ def test_exported_files_get_the_usual_mode(tmp_path, umask):
     assert len([f for f in files if f.suffix == ".safetensors"]) > 2
     for f in files:
         assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f
+
+
+def test_resumed_run_with_changed_settings_keeps_the_earlier_config(tmp_path):
+    from memagent_jax.config import load_config, save_config
+
+    path = tmp_path / "config.yaml"
+    first = load_config("memagent", ["trainer.total_steps=3"])
+    assert save_config(first, path, keep_previous=True) is None
+    assert save_config(first, path, keep_previous=True) is None  # same settings: no copy, no warning
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+    second = load_config("memagent", ["trainer.total_steps=5", "optim.lr=0.5"])
+    with pytest.warns(UserWarning, match=r"optim.lr: .* -> 0.5, trainer.total_steps: 3 -> 5"):
+        kept = save_config(second, path, keep_previous=True)
+    assert kept is not None and kept.name.startswith("config.prev-") and kept.suffix == ".yaml"
+    assert load_config(kept).trainer.total_steps == 3 and load_config(path).trainer.total_steps == 5
+    with pytest.warns(UserWarning):
+        again = save_config(first, path, keep_previous=True)  # same second: a distinct name
+    assert again != kept and kept.is_file() and again.is_file()

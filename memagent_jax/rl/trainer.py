@@ -363,7 +363,8 @@ class Trainer:
 
     def run(self, progress: bool | None = None) -> str:
         """Trains to total_steps (resuming if a checkpoint exists). Returns "done" | "interrupted"."""
-        save_config(self.cfg, self.out_dir / "config.yaml") if jax.process_index() == 0 else None
+        if jax.process_index() == 0:  # changed settings: the earlier config is kept beside it
+            save_config(self.cfg, self.out_dir / "config.yaml", keep_previous=True)
         self.maybe_resume()
         total = self.cfg.trainer.total_steps
         bar = _progress(progress if progress is not None else self.cfg.trainer.progress,
