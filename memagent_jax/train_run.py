@@ -38,12 +38,32 @@ def run_training(cfg: Config, *, reward_fn: RewardFn | None = None) -> str:
     """Trains, then exports the final policy to `<out_dir>/hf` (process 0). Returns the status."""
     trainer = make_trainer(cfg, reward_fn=reward_fn)
     try:
+        save_run_base(trainer.model(), trainer.tokenizer, cfg.trainer.out_dir)
         status = trainer.run()
         if status == "done":
             export_model(trainer.model(), trainer.tokenizer, Path(cfg.trainer.out_dir) / "hf")
     finally:
         trainer.close()
     return status
+
+
+#: `<run>/base`: the policy's config.json and tokenizer, saved at train start, so that `export`
+#: can rebuild the model's shape without the base model folder (the checkpoint holds the weights).
+RUN_BASE = "base"
+
+
+def save_run_base(model: Any, tokenizer: Any, run_dir: str | Path) -> Path:
+    """Writes the model's config.json and the tokenizer files to `<run_dir>/base` (process 0)."""
+    import json
+
+    from memagent_jax.tokenizer import save_tokenizer
+
+    out = Path(run_dir) / RUN_BASE
+    if jax.process_index() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2))
+        save_tokenizer(tokenizer, out)
+    return out
 
 
 def export_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
@@ -70,7 +90,7 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, step: int | None
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: pass a run folder written by memagent-jax train")
     cfg = load_config(cfg_path)
-    model, tokenizer = load_policy(cfg)
+    model, tokenizer = _policy_shape(cfg, run, cfg_path)
     tx = make_optimizer(cfg.optim.lr, 1, 1)
     graphdef, state = init_train_state(model, tx)
     ckpt = RunCheckpointer(run / "checkpoints", async_save=False)
@@ -79,3 +99,24 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, step: int | None
     finally:
         ckpt.close()
     return export_model(nnx.merge(graphdef, state.params), tokenizer, out_dir)
+
+
+def _policy_shape(cfg: Config, run: Path, cfg_path: Path) -> tuple[Any, Any]:
+    """(model, tokenizer) for restoring a run's checkpoint into: built from `<run>/base` when the
+    run saved one (the base model folder may have moved; the weights come from the checkpoint),
+    else from the config (model.path or a random init)."""
+    from memagent_jax.errors import InputError
+    from memagent_jax.models import ModelConfig, init_model
+    from memagent_jax.tokenizer import load_tokenizer
+
+    base = run / RUN_BASE
+    if (base / "config.json").is_file():
+        config = ModelConfig.from_pretrained_dir(base, param_dtype=cfg.model.param_dtype,
+                                                 dtype=cfg.model.dtype, remat=cfg.model.remat)
+        return init_model(config, seed=0), load_tokenizer(base)
+    for key, path in (("model.path", cfg.model.path), ("tokenizer", cfg.tokenizer)):
+        if path and not Path(path).is_dir():
+            raise InputError(f"{key} {path} is missing and {run} has no {RUN_BASE}/ folder "
+                             "(config.json + tokenizer) to rebuild the model from", cfg_path,
+                             f"put the folder back, or pass {key}'s new place in {cfg_path.name}")
+    return load_policy(cfg)

@@ -92,3 +92,46 @@ def test_resumed_run_with_changed_settings_keeps_the_earlier_config(tmp_path):
     with pytest.warns(UserWarning):
         again = save_config(first, path, keep_previous=True)  # same second: a distinct name
     assert again != kept and kept.is_file() and again.is_file()
+
+
+def test_export_works_after_the_base_model_folder_moved(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    import numpy as np
+
+    from memagent_jax.checkpoint import RunCheckpointer
+    from memagent_jax.config import load_config, save_config
+    from memagent_jax.errors import InputError
+    from memagent_jax.models import ModelConfig, from_pretrained, init_model, save_pretrained
+    from memagent_jax.policy import load_policy
+    from memagent_jax.rl.train_step import init_train_state, make_optimizer
+    from memagent_jax.tokenizer import train_sentencepiece
+    from memagent_jax.train_run import RUN_BASE, export_checkpoint, save_run_base
+
+    essays = Path(__file__).resolve().parent.parent / "memagent_jax" / "data" / "essays"
+    base, run = tmp_path / "base_model", tmp_path / "run"
+    tok = train_sentencepiece([(essays / n).read_text() for n in ("avg.txt", "gap.txt")],
+                              base, vocab_size=400)
+    shape = ModelConfig(vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32, num_layers=1,
+                        num_heads=2, num_kv_heads=1, max_position_embeddings=128)
+    save_pretrained(init_model(shape, seed=0), base)
+    cfg = load_config("memagent", [f"model.path={base}", f"trainer.out_dir={run}"])
+    save_config(cfg, run / "config.yaml")
+    model, tokenizer = load_policy(cfg)
+    save_run_base(model, tokenizer, run)  # what run_training does at train start
+    trained = init_model(shape, seed=1)  # stands for the trained weights in the checkpoint
+    _, state = init_train_state(trained, make_optimizer(cfg.optim.lr, 1, 1))
+    ckpt = RunCheckpointer(run / "checkpoints", async_save=False)
+    ckpt.save(1, state, {"rl_step": 1}, force=True)
+    ckpt.close()
+
+    base.rename(tmp_path / "moved")
+    out = export_checkpoint(run, tmp_path / "hf")
+    ids = np.arange(8, dtype=np.int32)[None]
+    np.testing.assert_array_equal(np.asarray(from_pretrained(out)(ids)), np.asarray(trained(ids)))
+    assert (out / "tokenizer.model").is_file()
+
+    shutil.rmtree(run / RUN_BASE)  # a run without base/ and no base folder: a clear error
+    with pytest.raises(InputError, match="model.path .* is missing"):
+        export_checkpoint(run, tmp_path / "hf2")
