@@ -26,6 +26,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -218,6 +219,10 @@ class RulerSynthetic(_LocalBuilder):
         split: str = "test",
         **kwargs: Any,
     ):
+        if isinstance(tokenizer, (str, os.PathLike)):  # tokenizer=DIR from the command line
+            from memagent_jax.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(tokenizer)
         self._tokenizer, self._split = tokenizer, split
         self._essays_dir, self._squad_path = essays_dir, squad_path
         super().__init__(**kwargs)
@@ -236,7 +241,8 @@ class RulerSynthetic(_LocalBuilder):
     def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
         if self._tokenizer is None:
             raise ValueError(
-                "ruler_synthetic needs tokenizer=<object with encode(text) -> list[int]>"
+                "ruler_synthetic needs tokenizer=DIR (tokenizer.json or tokenizer.model) or an "
+                "object with encode(text) -> list[int]"
             )
         return {self._split: self._generate_examples()}
 
@@ -277,18 +283,44 @@ def build_dataset(
 ) -> str:
     """Prepare dataset `name`/`config` as array_record files under `data_dir`; returns its folder.
 
-    `inputs` are the builder's local inputs (path=..., tokenizer=..., filter_fn=..., split=...).
-    An already prepared dataset is reused unless `overwrite`.
+    `inputs` are the builder's local inputs (path=..., tokenizer=..., filter_fn=..., split=...);
+    `tokenizer` may be a folder. An already prepared dataset is reused unless `overwrite`. A
+    build that fails leaves no folder behind that it created.
     """
-    builder = _builder(name, config, os.fspath(data_dir), **inputs)
-    mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
-    if overwrite:
-        mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD
-    builder.download_and_prepare(
-        file_format="array_record",
-        download_config=tfds.download.DownloadConfig(download_mode=mode),
-    )
+    existed = _existing_dirs(Path(data_dir))
+    try:
+        builder = _builder(name, config, os.fspath(data_dir), **inputs)
+        mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+        if overwrite:
+            mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD
+        builder.download_and_prepare(
+            file_format="array_record",
+            download_config=tfds.download.DownloadConfig(download_mode=mode),
+        )
+    except BaseException:
+        _remove_new_dirs(Path(data_dir), existed)
+        raise
     return os.fspath(builder.data_path)
+
+
+def _existing_dirs(root: Path, depth: int = 4) -> set[Path]:
+    """Folders under `root` (and `root`) down to `depth` levels: name/config/version/..."""
+    if not root.is_dir():
+        return set()
+    found, level = {root}, [root]
+    for _ in range(depth):
+        level = [c for d in level for c in d.iterdir() if c.is_dir()]
+        found.update(level)
+    return found
+
+
+def _remove_new_dirs(root: Path, existed: set[Path]) -> None:
+    """Removes the top-most folders under `root` (or `root` itself) that `existed` lacks."""
+    import shutil
+
+    for d in sorted(_existing_dirs(root), key=lambda p: len(p.parts)):
+        if d not in existed and d.exists() and (d == root or d.parent in existed):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _to_python(x: Any) -> Any:
