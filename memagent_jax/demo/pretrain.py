@@ -90,16 +90,18 @@ def lookup_corpus(tokenizer: Any, builder: PromptBuilder, *, num_docs: int, chun
                             max_decoys=max_decoys)
         for s in T.generate(spec, tokenizer, count, seed=seed, progress=progress):
             out.append(lookup_sequence(s, keys, builder, tokenizer, rng, absent_share, max_queries))
-    out += [repeated_span(tokenizer, rng) for _ in range(int(round(copy_share * num_docs)))]
+    special = {int(tokenizer.pad_id), int(tokenizer.eos_id), *map(int, tokenizer.eos_ids)}
+    ordinary = np.array([i for i in range(tokenizer.vocab_size) if i not in special])
+    out += [repeated_span(ordinary, rng) for _ in range(int(round(copy_share * num_docs)))]
     order = rng.permutation(len(out))
     return [out[i] for i in order]
 
 
-def repeated_span(tokenizer: Any, rng: np.random.Generator, min_len: int = 8, max_len: int = 40) -> MaskedSequence:
-    """Random ordinary tokens, repeated 2-3 times; the repeats are trained (induction)."""
-    special = {int(tokenizer.pad_id), int(tokenizer.eos_id), *map(int, tokenizer.eos_ids)}
-    ids = [i for i in range(tokenizer.vocab_size) if i not in special]
+def repeated_span(ordinary: np.ndarray, rng: np.random.Generator, min_len: int = 8, max_len: int = 40
+                  ) -> MaskedSequence:
+    """Random tokens drawn from `ordinary` (ids without pad/EOS), repeated 2-3 times; the repeats
+    are trained (induction)."""
     n = int(rng.integers(min_len, max_len + 1))
-    span = [ids[i] for i in rng.integers(0, len(ids), size=n)]
+    span = ordinary[rng.integers(0, len(ordinary), size=n)].tolist()
     reps = int(rng.integers(2, 4))
     return MaskedSequence(span * reps, [0.0] * n + [1.0] * n * (reps - 1))
