@@ -7,9 +7,11 @@ Each cell generates `num_samples` deterministic samples (`seed`), runs the agent
 answer is ...", else the raw text) and scores it with the task's metric (sub_em for QA,
 string_match_all for RULER), reported as a percentage.
 
-The `full_context` baseline puts the whole document in one prompt; where that prompt plus the
-answer budget does not fit `max_context_tokens` (default: the model's position range) the cell is
-recorded as N/A, as in the paper's table. Nothing is truncated.
+The `full_context` baseline puts the whole document in one prompt. Where that prompt plus the
+answer budget does not fit `max_context_tokens` (default: the model's position range), the default
+(`full_context_overflow="truncate"`) center-truncates the document to the tokens the window leaves
+(head and tail kept, as MemAgent's and RULER's baselines do) and records `truncated_to` and
+`truncated_share` in the cell; `"na"` records the cell as N/A instead, as in the paper's table.
 
 Results are written after every cell to out_dir/results.json (settings, then every cell with its
 per-sample records), results.csv and report.md; a rerun with the same settings skips finished
@@ -108,11 +110,11 @@ def task_samples(task: str, length: int, num_samples: int, tokenizer: Any, *, se
                                          squad_path=squad_path)
 
 
-def _policy_for(name: str, agent: Any, main: bool) -> MemoryPolicy:
-    """A policy by name; overwrite gets the agent's chunk and memory sizes. full_context never
-    truncates here (cells that do not fit are N/A instead)."""
+def _policy_for(name: str, agent: Any, main: bool, doc_budget: int | None = None) -> MemoryPolicy:
+    """A policy by name; overwrite gets the agent's chunk and memory sizes; full_context
+    center-truncates documents to `doc_budget` tokens (None: never truncates)."""
     if name == "full_context":
-        return FullContextPolicy(max_context_tokens=1 << 62)
+        return FullContextPolicy(max_context_tokens=doc_budget or 1 << 62)
     kwargs: dict[str, Any] = {}
     if name == "overwrite":
         kwargs = dict(chunk_size=agent.chunk_size, max_chunks=None, max_memory_tokens=agent.max_memory_tokens)
@@ -121,16 +123,28 @@ def _policy_for(name: str, agent: Any, main: bool) -> MemoryPolicy:
     return make_policy(name, **kwargs)
 
 
+FULL_CONTEXT_OVERFLOW = ("truncate", "na")
+
+
 def _fit_check(samples: Sequence[Mapping[str, Any]], tokenizer: Any, builder: PromptBuilder,
-               final_tokens: int, window: int) -> str | None:
-    """None if every sample's full-context prompt + answer budget fits `window`, else the reason."""
-    longest = 0
+               final_tokens: int, window: int, question_budget: int | None = None
+               ) -> tuple[str | None, int, float]:
+    """The full-context baseline against `window`: (reason the prompts do not fit or None, the
+    document tokens the window leaves beside the longest question, template and answer budget,
+    the share of samples whose document is longer than that)."""
+    longest, overhead, doc_lens = 0, 0, []
     for s in samples:
-        ids = builder.final_prompt(tokenizer.encode(s["question"]), tokenizer.encode(s["context"]))
-        longest = max(longest, len(ids) + final_tokens)
+        q = tokenizer.encode(s["question"])
+        q = q[:question_budget] if question_budget else q
+        doc = tokenizer.encode(s["context"])
+        frame = len(builder.final_prompt(q, [])) + final_tokens
+        overhead, longest = max(overhead, frame), max(longest, frame + len(doc))
+        doc_lens.append(len(doc))
+    budget = window - overhead
+    share = sum(n > budget for n in doc_lens) / max(1, len(doc_lens))
     if longest > window:
-        return f"prompt + answer budget is {longest} tokens, over max_context_tokens={window}"
-    return None
+        return f"prompt + answer budget is {longest} tokens, over max_context_tokens={window}", budget, share
+    return None, budget, share
 
 
 def _run_cell(samples: Sequence[dict[str, Any]], policy: MemoryPolicy, *, builder: PromptBuilder,
@@ -235,6 +249,12 @@ def render_report(results: Mapping[str, Any]) -> str:
                     lines.append(f"| RULER average | {policy} | " + " | ".join(_fmt(v) for v in per_len)
                                  + f" | {_fmt(_mean(per_len))} |")
             lines.append("")
+    cut = [c for c in cells if c.get("truncated_to")]
+    if cut:
+        lines += ["Truncated: in " + ", ".join(
+            f"{c['task']} @ {format_length(int(c['length']), c['unit'])} [{c['policy']}]" for c in cut)
+            + " the documents were center-truncated to the tokens the context window leaves "
+            f"({', '.join(sorted({str(c['truncated_to']) for c in cut}))}).", ""]
     na = [c for c in cells if c["status"] != "ok"]
     if na:
         lines += ["N/A: the document does not fit the baseline's context window "
@@ -284,14 +304,20 @@ def evaluate(
     batch_size: int = 16,
     meta: Mapping[str, Any] | None = None,
     progress: bool = True,
+    full_context_overflow: str = "truncate",
 ) -> dict[str, Any]:
     """Evaluate `agent.policy` and `baselines` on tasks x lengths; returns the results dict.
 
     `agent` is an AgentSection (or a dict of its fields): policy, chunk_size, max_memory_tokens
     (also the memory turn's generation budget), max_final_new_tokens, final_style, templates and
     question_budget. `generate_fn` defaults to the real sampler on `model`. `meta` (e.g. the model
-    path) is stored in results.json. Raises ValueError when out_dir holds results of other settings.
+    path) is stored in results.json. `full_context_overflow`: "truncate" (center-truncate documents
+    longer than the window leaves) or "na" (record those cells as N/A). Raises ValueError when
+    out_dir holds results of other settings.
     """
+    if full_context_overflow not in FULL_CONTEXT_OVERFLOW:
+        raise ValueError(f"full_context_overflow must be one of {FULL_CONTEXT_OVERFLOW}, "
+                         f"got {full_context_overflow!r}")
     if agent is None:
         agent = AgentSection()
     elif isinstance(agent, Mapping):
@@ -317,6 +343,7 @@ def evaluate(
     settings = json.loads(json.dumps({
         "num_samples": num_samples, "temperature": temperature, "top_p": top_p, "top_k": top_k,
         "seed": seed, "agent": dataclasses.asdict(agent), "max_context_tokens": window,
+        "full_context_overflow": full_context_overflow,
         "hotpotqa_path": os.fspath(hotpotqa_path) if hotpotqa_path else None,
         "squad_path": os.fspath(squad_path) if squad_path else None, "meta": dict(meta or {})}))
     results = load_results(out_dir) or {"version": 1, "settings": settings, "cells": {}}
@@ -357,15 +384,23 @@ def evaluate(
                 cache = {(task, n): task_samples(task, n, num_samples, tokenizer, seed=seed, hotpotqa_items=items,
                                                  squad_path=os.fspath(squad_path) if squad_path else None)}
             samples = cache[(task, n)]
-            reason = _fit_check(samples, tokenizer, builder, agent.max_final_new_tokens, window) \
-                if name == "full_context" else None
-            if reason is not None:
+            reason, doc_budget, share = _fit_check(samples, tokenizer, builder, agent.max_final_new_tokens,
+                                                   window, agent.question_budget) \
+                if name == "full_context" else (None, None, 0.0)
+            if reason is not None and (full_context_overflow == "na" or doc_budget < 1):
+                if doc_budget is not None and doc_budget < 1:
+                    reason += "; the template, question and answer budget alone fill the window"
                 cell = {"status": "n/a", "reason": reason, "accuracy": None, "n": len(samples), "seconds": 0.0,
                         "seconds_per_sample": None, "chunks_mean": None, "doc_tokens_mean": None, "samples": []}
             else:
-                cell = _run_cell(samples, _policy_for(name, agent, name == agent.policy), builder=builder,
-                                 tokenizer=tokenizer, generate_fn=generate_fn, gen=gen, batch_size=batch_size,
-                                 metric=metric_name(task), question_budget=agent.question_budget)
+                truncate = reason is not None
+                cell = _run_cell(samples, _policy_for(name, agent, name == agent.policy,
+                                                      doc_budget if truncate else None),
+                                 builder=builder, tokenizer=tokenizer, generate_fn=generate_fn, gen=gen,
+                                 batch_size=batch_size, metric=metric_name(task),
+                                 question_budget=agent.question_budget)
+                if truncate:
+                    cell.update(truncated_to=doc_budget, truncated_share=share)
             results["cells"][key] = {"task": task, "length": n, "policy": name, "unit": length_unit(task),
                                      "metric": metric_name(task), **cell}
             write_outputs(results, out_dir, plots=False)
@@ -434,6 +469,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     a("--baselines", default="full_context", help="comma-separated baseline policies ('none' for none)")
     a("--max-context-tokens", type=positive_int, default=None,
       help="full_context window (prompt + answer); default: the model's max_position_embeddings")
+    a("--full-context-overflow", default="truncate", choices=list(FULL_CONTEXT_OVERFLOW),
+      help="documents longer than the full_context window: center-truncate them (default) or mark the cell N/A")
     a("--batch-size", type=positive_int, default=16, help="documents per rollout batch")
     a("--dtype", default="float32", help="weight dtype (float32, bfloat16)")
     a("--no-progress", action="store_true", help="no progress bar")
@@ -481,7 +518,8 @@ def run_eval_cli(args: argparse.Namespace) -> dict[str, Any]:
                        top_k=args.top_k, seed=args.seed, baselines=_names(args.baselines),
                        max_context_tokens=args.max_context_tokens, hotpotqa_path=args.hotpotqa,
                        squad_path=args.squad, batch_size=args.batch_size,
-                       meta={"model": os.path.abspath(args.model)}, progress=not args.no_progress)
+                       meta={"model": os.path.abspath(args.model)}, progress=not args.no_progress,
+                       full_context_overflow=args.full_context_overflow)
     print(render_report(results))
     print(f"results: {Path(args.out).resolve()} ({RESULTS_JSON}, {RESULTS_CSV}, {REPORT_MD}, {', '.join(PLOTS)})")
     return results

@@ -63,7 +63,8 @@ def oracle_lookup(tasks: list[str], lengths: list[int], num_samples: int, seed: 
 
 def run(out: Path, gen: Scripted, **kw: Any) -> dict[str, Any]:
     args = dict(tasks=TASKS, lengths=LENGTHS, num_samples=2, out_dir=out, agent=AGENT, seed=3,
-                max_context_tokens=WINDOW, generate_fn=gen, batch_size=2, progress=False)
+                max_context_tokens=WINDOW, generate_fn=gen, batch_size=2, progress=False,
+                full_context_overflow="na")
     return ev.evaluate(None, TOK, **{**args, **kw})
 
 
@@ -94,6 +95,38 @@ def test_oracle_scores_100_and_full_context_na_when_too_long(oracle_run):
     expected = sum(max(r["chunks"] for r in cells[ev.cell_key(t, n, "overwrite")]["samples"]) + 1
                    for t in TASKS for n in LENGTHS) + len(TASKS) * 2
     assert gen.calls == expected
+
+
+def test_full_context_center_truncates_to_the_window_by_default(tmp_path):
+    """The default overflow: documents longer than the window leaves are center-truncated, so
+    every full-context prompt plus the answer budget fits, and the cell says so."""
+    seen: list[list[int]] = []
+
+    class Recording(Scripted):
+        def __call__(self, prompts: list[list[int]], **kw: Any) -> SampleOutput:
+            seen.extend(prompts)
+            return super().__call__(prompts, **kw)
+
+    lookup = oracle_lookup(["vt"], [1024], 2, seed=3)
+    results = ev.evaluate(None, TOK, tasks=["vt"], lengths=[1024], num_samples=2, out_dir=tmp_path, agent=AGENT,
+                          seed=3, max_context_tokens=WINDOW, generate_fn=Recording(lookup), batch_size=2,
+                          progress=False)
+    cell = results["cells"][ev.cell_key("vt", 1024, "full_context")]
+    assert cell["status"] == "ok" and cell["accuracy"] == 100.0 and cell["truncated_share"] == 1.0
+    assert 0 < cell["truncated_to"] < 1024 and all(r["doc_tokens"] > cell["truncated_to"] for r in cell["samples"])
+    finals = [p for p in seen if "Updated memory:" not in TOK.decode(p)]
+    assert len(finals) == 4  # 2 overwrite + 2 full_context final prompts
+    full = [p for p in finals if len(p) + AGENT.max_final_new_tokens > WINDOW - 2 * AGENT.chunk_size]
+    assert len(full) == 2 and all(len(p) + AGENT.max_final_new_tokens <= WINDOW for p in full)
+    samples = ev.task_samples("vt", 1024, 2, TOK, seed=3)
+    for p in full:  # head and tail of its document kept, the middle cut
+        doc = next(TOK.encode(s["context"]) for s in samples if s["question"] in TOK.decode(p))
+        text = TOK.decode(p)
+        assert TOK.decode(doc[:50]) in text and TOK.decode(doc[-50:]) in text and TOK.decode(doc) not in text
+    assert "center-truncated" in (tmp_path / "report.md").read_text()
+    with pytest.raises(ValueError, match="full_context_overflow must be one of"):
+        ev.evaluate(None, TOK, tasks=["vt"], lengths=[1024], num_samples=2, out_dir=tmp_path / "x", agent=AGENT,
+                    generate_fn=Recording(lookup), full_context_overflow="drop")
 
 
 def test_files_report_and_plots(oracle_run):
@@ -202,8 +235,9 @@ def test_end_to_end_tiny_checkpoint_cli(tmp_path):
             assert all(isinstance(r["response"], str) for r in c["samples"])
     assert all(cells[ev.cell_key(t, n, "overwrite")]["chunks_mean"] >= 1 for t in ("niah_single_1", "vt")
                for n in (120, 240, 360))
-    for t in ("niah_single_1", "vt"):  # the 120-token documents fit a 400-token window, longer ones do not
-        assert [cells[ev.cell_key(t, n, "full_context")]["status"] for n in (120, 240, 360)] == ["ok", "n/a", "n/a"]
+    for t in ("niah_single_1", "vt"):  # the 120-token documents fit a 400-token window, longer ones are cut
+        assert [cells[ev.cell_key(t, n, "full_context")].get("truncated_share", 0.0) for n in (120, 240, 360)
+                ] == [0.0, 1.0, 1.0]
     for name in ("results.json", "results.csv", "report.md", *ev.PLOTS):
         assert (out / name).is_file(), name
     assert time.perf_counter() - t0 < 90

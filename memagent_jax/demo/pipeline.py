@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import shutil
 import time
 import warnings
@@ -386,7 +387,10 @@ def run_demo(out_dir: str | Path = "runs/demo", fresh: bool = False, config: str
         statuses[stage] = "ran"
         upstream_ran = True
         if stage == "pretrain" and ship_base:
-            _ship(run, seconds, console)
+            command = shlex.join(["memagent-jax", "demo", "--out", str(out_dir), *(["--config", str(config)] if config
+                                                                                  else []),
+                                  "--from-scratch", "--ship-base", *(overrides or [])])
+            _ship(run, seconds, console, command)
         if stage == until:
             return {"stages": statuses, "summary": None}
     summary = json.loads(run.path("summary.json").read_text())
@@ -398,15 +402,15 @@ def run_demo(out_dir: str | Path = "runs/demo", fresh: bool = False, config: str
     return {"stages": statuses, "summary": summary}
 
 
-def _ship(run: Run, seconds: float, console: Any) -> None:
-    """Copies this run's tokenizer + base model into the package (memagent_jax/demo/base)."""
+def _ship(run: Run, seconds: float, console: Any, command: str) -> None:
+    """Copies this run's tokenizer + base model into the package (memagent_jax/demo/base);
+    `command` (the demo command that made them) goes into its provenance."""
     import datetime
-    import sys
 
     from memagent_jax.demo import base
     from memagent_jax.demo.report import machine
 
-    info = {"command": "memagent-jax " + " ".join(sys.argv[1:]) if sys.argv else "run_demo(ship_base=True)",
+    info = {"command": command,
             "seed": run.demo.seed, "pretrain_wall_time_s": round(seconds, 1), "machine": machine(),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "model": dataclasses.asdict(run.cfg.model),
