@@ -13,6 +13,14 @@ from its own PRNG stream fold_in(row_key, its own step), with per-request temper
 top-k / stop ids / max_new_tokens as traced values, so its tokens and log-probs do not depend on
 the slot it ran in or on its neighbours: the output equals `sampler.generate`'s for the same
 prompts and seeds (up to float rounding of differently shaped matmuls).
+
+Multi-host (a mesh over several processes): the slot arrays are global, split over the
+processes along the batch axis, and each process owns its contiguous share of the slots: it
+queues its own requests, fills only its own slots and reads back only its own rows (from its
+addressable shards). Every process joins every program call: before each call the processes
+exchange a few integers (requests waiting, slots busy, the prefill shapes) with one tiny
+all-gather, so they agree on whether to prefill, on its shapes, on stopping early and on when
+all work is done.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from memagent_jax.distributed import allgather_ints, from_process_local
 from memagent_jax.models.sharding import DECODE_RULES, batch_multiple, batch_sharding, cache_sharding
 from memagent_jax.models.transformer import Decoder, KVCache
 from memagent_jax.sampler import (
@@ -212,6 +221,7 @@ class Engine:
     up to a multiple of the batch shards) and weights laid out by the decode rules.
     Programs compiled: one decode program per (slots, max_len, decode_steps) and one prefill
     program per (batch bucket, unique-prompt bucket, prompt-length bucket).
+    On a mesh over several processes, `slots` is per process (see the module docstring).
     """
 
     def __init__(self, model: Decoder, *, slots: int = 16, max_len: int = 1024,
@@ -224,13 +234,17 @@ class Engine:
                              f"{cfg.max_position_embeddings}]")
         self.model, self.config = model, cfg
         self.mesh = mesh
-        self.num_slots = _pow2_bucket(max(1, slots), batch_multiple(mesh, DECODE_RULES))
+        self.procs = jax.process_count() if mesh is not None else 1
+        per_process = max(1, batch_multiple(mesh, DECODE_RULES) // self.procs)
+        self.local_slots = _pow2_bucket(max(1, slots), per_process)  # the slots this process fills
+        self.first_slot = (jax.process_index() if self.procs > 1 else 0) * self.local_slots
+        self.num_slots = self.local_slots * self.procs
         self.max_len, self.decode_steps = int(max_len), int(decode_steps)
         self.prefill_chunk, self.share_prefill = int(prefill_chunk), share_prefill
         self.vocab_limit = np.int32(vocab_limit or cfg.vocab_size)
         self.graphdef, self.state = state if state is not None else decode_state(model, mesh)
         self._queue: collections.deque[tuple[int, Request]] = collections.deque()
-        self._slot_owner: list[int | None] = [None] * self.num_slots
+        self._slot_owner: list[int | None] = [None] * self.local_slots  # local slot -> request id
         self._requests: dict[int, Request] = {}
         self._next_id = 0
         self._counts = dict(prefill_calls=0, decode_calls=0, decode_steps=0, active_slot_steps=0)
@@ -250,7 +264,13 @@ class Engine:
         )
         if self.mesh is None:
             return slots
-        return jax.device_put(slots, _slot_shardings(slots, self.mesh))
+        shardings = _slot_shardings(slots, self.mesh)
+        if self.procs == 1:
+            return jax.device_put(slots, shardings)
+        shapes = {n: jax.ShapeDtypeStruct(x.shape, x.dtype) for n, x in slots.items()}
+        del slots
+        return jax.jit(lambda: {n: jnp.zeros(x.shape, x.dtype) for n, x in shapes.items()},
+                       out_shardings=shardings)()
 
     def submit(self, request: Request) -> int:
         """Queues a request (validated now); returns its id."""
@@ -278,15 +298,14 @@ class Engine:
 
     @property
     def pending(self) -> int:
-        """Requests queued or in a slot."""
+        """This process's requests queued or in a slot."""
         return len(self._queue) + sum(o is not None for o in self._slot_owner)
 
-    def _refill(self) -> None:
-        """Prefills as many queued requests as there are free slots, in one program call."""
+    def _plan_refill(self) -> tuple[list[tuple[int, Request]], list[list[int]], list[int], list[int]]:
+        """The queued requests that fit the free slots: (batch, unique prompts, row -> unique
+        prompt, free local slots)."""
         free = [i for i, o in enumerate(self._slot_owner) if o is None]
         batch = [self._queue.popleft() for _ in range(min(len(free), len(self._queue)))]
-        if not batch:
-            return
         prompts = [list(map(int, r.prompt)) for _, r in batch]
         if self.share_prefill:
             unique: dict[tuple[int, ...], int] = {}
@@ -294,8 +313,28 @@ class Engine:
             unique_prompts = [list(p) for p in unique]
         else:
             row_to_unique, unique_prompts = list(range(len(prompts))), prompts
-        M, U = _pow2_bucket(len(batch)), _pow2_bucket(len(unique_prompts))
-        P = min(bucket(max(len(p) for p in unique_prompts)), self.max_len)
+        return batch, unique_prompts, row_to_unique, free
+
+    def _agree(self, plan: tuple) -> tuple[int, int, int, int, int]:
+        """(rows to prefill, unique prompts, longest prompt, requests still queued after this
+        prefill, requests pending), each the maximum over processes: one tiny all-gather per
+        engine call when multi-host."""
+        batch, unique_prompts, _, _ = plan
+        local = (len(batch), len(unique_prompts), max((len(p) for p in unique_prompts), default=0),
+                 len(self._queue), self.pending + len(batch))
+        if self.procs == 1:
+            return local
+        return tuple(int(v) for v in allgather_ints(local).max(axis=0))
+
+    def _refill(self, plan: tuple, rows_max: int, unique_max: int, longest: int) -> None:
+        """Prefills the planned requests into their free slots in one program call (every process
+        joins it with the agreed shapes; a process with nothing to prefill sends padding rows)."""
+        batch, unique_prompts, row_to_unique, free = plan
+        if rows_max == 0:
+            return
+        multiple = max(1, batch_multiple(self.mesh, DECODE_RULES) // self.procs) if self.procs > 1 else 1
+        M, U = _pow2_bucket(rows_max, multiple), _pow2_bucket(max(1, unique_max), multiple)
+        P = min(bucket(longest), self.max_len)
         chunk = min(self.prefill_chunk, P)
         if P % chunk:
             P = min(-(-P // chunk) * chunk, self.max_len)
@@ -304,8 +343,9 @@ class Engine:
         lens = np.ones((U,), np.int32)
         for i, p in enumerate(unique_prompts):
             ids[i, : len(p)], lens[i] = p, len(p)
-        rows = np.zeros((M,), np.int32)
-        rows[: len(batch)] = row_to_unique
+        first_unique = (jax.process_index() if self.procs > 1 else 0) * U
+        rows = np.zeros((M,), np.int32) + first_unique
+        rows[: len(batch)] += np.asarray(row_to_unique, np.int32)
         slot_idx = np.full((M,), self.num_slots, np.int32)  # padding rows: dropped
         new = dict(keys=np.zeros((M, 2), np.uint32), temperature=np.zeros((M,), np.float32),
                    top_p=np.ones((M,), np.float32), top_k=np.zeros((M,), np.int32),
@@ -314,7 +354,7 @@ class Engine:
         for j, (rid, r) in enumerate(batch):
             slot = free[j]
             self._slot_owner[slot] = rid
-            slot_idx[j] = slot
+            slot_idx[j] = self.first_slot + slot
             new["keys"][j] = np.asarray(r.key, np.uint32).reshape(2)
             new["temperature"][j], new["top_p"][j], new["top_k"][j] = r.temperature, r.top_p, r.top_k
             new["max_new"][j] = r.max_new_tokens
@@ -322,17 +362,34 @@ class Engine:
         self._requests.update({rid: r for rid, r in batch})
         STATS.prefill_calls += 1
         self._counts["prefill_calls"] += 1
-        self._slots = _jitted_prefill(chunk, self.mesh)(self.graphdef, self.state, self._slots, ids, lens,
-                                             rows, slot_idx, new)
+        args: list[Any] = [ids, lens, rows, slot_idx, new]
+        if self.procs > 1:  # every process's rows, concatenated along the batch axis
+            args = jax.tree.map(lambda a: from_process_local(a, batch_sharding(self.mesh, DECODE_RULES, a.ndim)),
+                                args)
+        self._slots = _jitted_prefill(chunk, self.mesh)(self.graphdef, self.state, self._slots, *args)
+
+    def _local_rows(self, name: str, slots: Sequence[int] | None = None) -> np.ndarray:
+        """This process's rows of slot array `name` (local slot order), or the given local slots."""
+        x = self._slots[name]
+        if self.procs == 1:
+            return np.asarray(jax.device_get(x if slots is None else x[np.asarray(slots)]))
+        out = np.zeros((self.local_slots, *x.shape[1:]), x.dtype)
+        lo, hi = self.first_slot, self.first_slot + self.local_slots
+        for shard in x.addressable_shards:
+            rows = shard.index[0]
+            start, stop = rows.start or 0, rows.stop if rows.stop is not None else x.shape[0]
+            a, b = max(start, lo), min(stop, hi)
+            if a < b:
+                out[a - lo:b - lo] = np.asarray(shard.data)[a - start:b - start]
+        return out if slots is None else out[np.asarray(slots)]
 
     def _collect(self) -> list[Result]:
         """Frees the slots whose request finished; returns their results."""
-        active, step = jax.device_get((self._slots["active"], self._slots["step"]))
+        active, step = self._local_rows("active"), self._local_rows("step")
         done = [s for s, o in enumerate(self._slot_owner) if o is not None and not active[s]]
         if not done:
             return []
-        tokens, logps = jax.device_get((self._slots["tokens"][np.array(done)],
-                                        self._slots["logps"][np.array(done)]))
+        tokens, logps = self._local_rows("tokens", done), self._local_rows("logps", done)
         results = []
         for j, s in enumerate(done):
             rid = self._slot_owner[s]
@@ -351,14 +408,19 @@ class Engine:
                     occupancy=c["active_slot_steps"] / max(1, c["decode_steps"] * self.num_slots))
 
     def run(self) -> Iterator[Result]:
-        """Yields results as requests finish, until nothing is queued or running."""
-        while self.pending:
-            self._refill()
-            stop_early = np.bool_(len(self._queue) > 0)
+        """Yields results as requests finish, until nothing is queued or running (multi-host:
+        on any process; a process with no work left still joins every call)."""
+        while True:
+            plan = self._plan_refill()
+            rows_max, unique_max, longest, queued, pending_max = self._agree(plan)
+            if pending_max == 0:
+                return
+            self._refill(plan, rows_max, unique_max, longest)
+            stop_early = np.bool_(queued > 0)
             STATS.decode_calls += 1
             self._slots, info = _jitted_decode(self.decode_steps, self.mesh)(
                 self.graphdef, self.state, self._slots, self.vocab_limit, stop_early)
-            iters, occupied = (int(x) for x in jax.device_get(info))
+            iters, occupied = (int(x) for x in np.asarray(info.addressable_data(0)))  # replicated
             STATS.decode_steps += iters
             STATS.active_slot_steps += occupied
             STATS.slot_steps += iters * self.num_slots

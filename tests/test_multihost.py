@@ -26,26 +26,52 @@ def _env(devices: int) -> dict:
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
 
 
-def test_two_processes_equal_one_process(tmp_path):
+def _two_processes(tmp_path, engine: str) -> list[dict]:
     port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), str(i), "2", port],
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), str(i), "2", port, engine],
                               env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-4000:]
-    multi = json.loads(outs[0][0].strip().splitlines()[-1])
-    ref = subprocess.run([sys.executable, str(WORKER), str(tmp_path), "0", "1", "0"], env=_env(8),
+    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+
+
+def _one_process(tmp_path, engine: str) -> dict:
+    ref = subprocess.run([sys.executable, str(WORKER), str(tmp_path), "0", "1", "0", engine], env=_env(8),
                          capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr[-4000:]
-    single = json.loads(ref.stdout.strip().splitlines()[-1])
+    return json.loads(ref.stdout.strip().splitlines()[-1])
+
+
+def test_two_processes_equal_one_process(tmp_path):
+    multi = _two_processes(tmp_path, "static")[0]
+    single = _one_process(tmp_path, "static")
     assert multi["restore_equal"] and single["restore_equal"] and multi["meta_step"] == 1
     # 4 documents, 2 all-correct groups filtered out: 2 groups x 4 members kept.
     assert multi["kept"] == single["kept"] == 8
     assert multi["conversations"] == single["conversations"]
     assert multi["moved"] > 1e-3 and abs(multi["moved"] - single["moved"]) < 1e-6  # a real update
-    a = np.load(tmp_path / "params_2proc.npz")
-    b = np.load(tmp_path / "params_1proc.npz")
+    _assert_same_params(tmp_path / "params_2proc_static.npz", tmp_path / "params_1proc_static.npz")
+
+
+def _assert_same_params(path_a, path_b) -> None:
+    a, b = np.load(path_a), np.load(path_b)
     assert len(a.files) == len(b.files) > 0
     for k in a.files:
         np.testing.assert_allclose(a[k], b[k], atol=1e-6, rtol=0)
+
+
+def test_two_processes_on_the_continuous_engine_equal_one_process(tmp_path):
+    """rollout.engine=continuous across 2 processes (2 slots each, 2 decode steps per call, so
+    slots refill): both processes join every engine call, and the step equals one process's
+    engine step and the static step (greedy: the same trajectories)."""
+    first, second = _two_processes(tmp_path, "continuous")
+    assert first["engine_calls"] == second["engine_calls"] and first["engine_calls"][1] > 3
+    single = _one_process(tmp_path, "continuous")
+    static = _one_process(tmp_path, "static")
+    assert first["restore_equal"] and first["kept"] == single["kept"] == static["kept"] == 8
+    assert first["conversations"] == single["conversations"] == static["conversations"]
+    assert abs(first["moved"] - static["moved"]) < 1e-6
+    _assert_same_params(tmp_path / "params_2proc_continuous.npz", tmp_path / "params_1proc_continuous.npz")
+    _assert_same_params(tmp_path / "params_2proc_continuous.npz", tmp_path / "params_1proc_static.npz")

@@ -175,7 +175,7 @@ def rollout(
     if sync_steps is not None:
         num_steps = sync_steps(num_steps)
 
-    if getattr(generate_fn, "engine_config", None) is not None and sync_steps is None:
+    if getattr(generate_fn, "engine_config", None) is not None:  # multi-host too: the engine agrees per call
         return _rollout_continuous(docs, trajs, memory, num_steps, policy=policy, builder=builder,
                                    tokenizer=tokenizer, generate_fn=generate_fn, gen=gen,
                                    sampling=call.sampling, on_step=on_step)
@@ -327,8 +327,9 @@ def _rollout_continuous(docs: list[_Doc], trajs: list[Trajectory], memory: list[
 
 class EngineGenerateFn:
     """A `generate_fn` whose rollout runs on the continuous-batching engine (`rollout()` detects
-    it by `engine_config`). Called directly (or by a multi-host rollout), it is the static path:
-    `static_fn` if given, else `sampler.generate` with the same defaults."""
+    it by `engine_config`; multi-host included: the engine's processes agree before every call).
+    Called directly it is the static path: `static_fn` if given, else `sampler.generate` with the
+    same defaults."""
 
     def __init__(self, model: Any, tokenizer: Any, *, slots: int = 64, max_len: int | None = None,
                  decode_steps: int = 32, prefill_chunk: int = 512,
@@ -359,6 +360,6 @@ class EngineGenerateFn:
 
 def engine_generate_fn(model: Any, tokenizer: Any, **kwargs: Any) -> EngineGenerateFn:
     """`sampler_generate_fn`'s counterpart for `rollout.engine: continuous` (see EngineGenerateFn):
-    slots, max_len (default: the model's window), decode_steps, prefill_chunk, mesh (one process),
-    static_fn (the multi-host / direct-call path) and sampling defaults (temperature, top_p, top_k)."""
+    slots (per process), max_len (default: the model's window), decode_steps, prefill_chunk, mesh,
+    static_fn (the direct-call path) and sampling defaults (temperature, top_p, top_k)."""
     return EngineGenerateFn(model, tokenizer, **kwargs)

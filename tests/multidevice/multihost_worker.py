@@ -1,8 +1,9 @@
 """One full RL step (real sampler rollout, dynamic-sampling filter, update) plus a checkpoint save
 and restore, in one of N cooperating processes (or alone with 8 devices as the reference).
 
-usage: multihost_worker.py OUT_DIR PROCESS_ID NUM_PROCESSES PORT   (NUM_PROCESSES=1: reference)
-Writes OUT_DIR/params_<N>proc.npz (process 0) with the final weights.
+usage: multihost_worker.py OUT_DIR PROCESS_ID NUM_PROCESSES PORT [ENGINE]   (NUM_PROCESSES=1: reference)
+ENGINE is rollout.engine (static, the default, or continuous). Writes
+OUT_DIR/params_<N>proc_<ENGINE>.npz (process 0) with the final weights.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import jax
 
 out_dir, pid, nproc, port = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+engine = sys.argv[5] if len(sys.argv) > 5 else "static"
 if nproc > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc,
@@ -28,6 +30,7 @@ from tiny_policy import AsciiTokenizer, docs, tiny_model  # noqa: E402
 
 from memagent_jax.config import load_config  # noqa: E402
 from memagent_jax.distributed import to_host  # noqa: E402
+from memagent_jax.engine import STATS  # noqa: E402
 from memagent_jax.models import MeshConfig, make_mesh, shard_state  # noqa: E402
 from memagent_jax.rl.trainer import Trainer  # noqa: E402
 
@@ -51,7 +54,8 @@ def main() -> None:
         f"rollout.group_size={G}", "rollout.temperature=0.0", "rl.train_batch_size=2",
         "rl.gen_batch_size=4", "rl.mini_batch_size=1", "rl.filter_groups=true",
         "rl.micro_batch_tokens=256", "optim.lr=0.01", "optim.eps=0.001", "optim.warmup_steps=1",
-        f"trainer.out_dir={out_dir}/run_{nproc}proc", "trainer.progress=false",
+        f"rollout.engine={engine}", "rollout.engine_slots=2", "rollout.engine_decode_steps=2",
+        f"trainer.out_dir={out_dir}/run_{nproc}proc_{engine}", "trainer.progress=false",
         "trainer.async_checkpoint=false", "trainer.total_steps=1"])
     all_docs = docs(4, 30, seed=1)
     for i, d in enumerate(all_docs):  # chunk counts differ: 3, 1, 2, 3 chunks
@@ -78,12 +82,15 @@ def main() -> None:
     params = [to_host(x) for x in jax.tree.leaves(trainer.state.params)]
     trainer.close()
     if jax.process_index() == 0:
-        np.savez(out_dir / f"params_{nproc}proc.npz", *params)
+        np.savez(out_dir / f"params_{nproc}proc_{engine}.npz", *params)
         moved = max(float(np.abs(a - b).max()) for a, b in zip(initial, params))
         print(json.dumps({"restore_equal": same, "meta_step": meta["rl_step"], "moved": moved,
                           "kept": metrics["batch/trajectories"],
                           "gen_batches": metrics["dynamic/gen_batches"],
-                          "conversations": metrics["batch/conversations"]}))
+                          "conversations": metrics["batch/conversations"],
+                          "engine_calls": [STATS.prefill_calls, STATS.decode_calls]}))
+    else:  # every process joined every engine call
+        print(json.dumps({"engine_calls": [STATS.prefill_calls, STATS.decode_calls]}))
 
 
 if __name__ == "__main__":
