@@ -50,8 +50,8 @@ def _cmd_answer(args: argparse.Namespace) -> int:
 
     from memagent_jax.agent.memory import make_policy
     from memagent_jax.agent.prompts import PromptBuilder, PromptTemplates
-    from memagent_jax.agent.rollout import rollout, sampler_generate_fn
-    from memagent_jax.agent.window import default_budget, fit_window, full_context_tokens
+    from memagent_jax.agent.rollout import engine_generate_fn, rollout, sampler_generate_fn
+    from memagent_jax.agent.window import default_budget, engine_max_len, fit_window, full_context_tokens
     from memagent_jax.checks import check_text_file, load_checked
     from memagent_jax.errors import InputError
     from memagent_jax.rl.rewards import answer_is_extract, boxed_answer
@@ -92,8 +92,15 @@ def _cmd_answer(args: argparse.Namespace) -> int:
         if args.policy == "overwrite":
             kwargs = dict(chunk_size=fit.chunk_size, max_chunks=None, max_memory_tokens=memory_tokens)
     policy = make_policy(args.policy, **kwargs)
-    generate_fn = sampler_generate_fn(model, tokenizer, temperature=args.temperature,
-                                      top_p=args.top_p, max_prompt_len=window)
+    if args.engine == "static":
+        generate_fn = sampler_generate_fn(model, tokenizer, temperature=args.temperature,
+                                          top_p=args.top_p, max_prompt_len=window)
+    else:  # one slot: the turns of one document follow each other
+        max_len = window if args.policy != "overwrite" else engine_max_len(
+            builder, window, question_budget=budget, memory_tokens=memory_tokens,
+            chunk_size=kwargs["chunk_size"], answer_tokens=answer_tokens)
+        generate_fn = engine_generate_fn(model, tokenizer, slots=1, max_len=max_len,
+                                         temperature=args.temperature, top_p=args.top_p)
     bar = tqdm(desc="reading chunks", unit="chunk", file=sys.stderr)
 
     def on_step(k: int, n: int, trajs: list) -> None:
@@ -217,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--temperature", type=float, default=0.0)
     a.add_argument("--top-p", type=float, default=1.0)
     a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--engine", default="continuous", choices=["continuous", "static"],
+                   help="the continuous-batching engine (default) or the static sampler")
     a.set_defaults(fn=_cmd_answer)
 
     e = add("eval", help="accuracy vs document length: table, CSV/JSON, plots")

@@ -75,7 +75,7 @@ class RolloutSection:
     val_temperature: float = 1.0
     val_top_p: float = 0.7
     max_rows_per_call: int = 0  # cap on rows of one sampler call (0 = all active rows at once)
-    engine: str = "static"  # static (one batched call per turn) | continuous (memagent_jax.engine)
+    engine: str = "continuous"  # continuous (memagent_jax.engine) | static (one batched call per turn)
     engine_slots: int = 64  # continuous: decode slots (KV cache rows)
     engine_max_len: int = 0  # continuous: cache positions per slot (0 = bound from agent budgets)
     engine_decode_steps: int = 32  # continuous: decode steps per engine call

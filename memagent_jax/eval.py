@@ -36,8 +36,8 @@ from typing import Any
 
 from memagent_jax.agent.memory import FullContextPolicy, MemoryPolicy, make_policy
 from memagent_jax.agent.prompts import PromptBuilder, builder_from_config
-from memagent_jax.agent.rollout import GenerateFn, rollout, sampler_generate_fn
-from memagent_jax.agent.window import default_budget, fit_window
+from memagent_jax.agent.rollout import GenerateFn, engine_generate_fn, rollout, sampler_generate_fn
+from memagent_jax.agent.window import default_budget, engine_max_len, fit_window
 from memagent_jax.config import AgentSection
 from memagent_jax.data import hotpotqa, ruler_synthetic
 from memagent_jax.plots import format_length, plot_accuracy_vs_length, plot_heatmap
@@ -124,6 +124,22 @@ def _policy_for(name: str, agent: Any, main: bool, doc_budget: int | None = None
 
 
 FULL_CONTEXT_OVERFLOW = ("truncate", "na")
+
+
+def _model_generate_fn(model: Any, tokenizer: Any, builder: PromptBuilder, agent: Any, policy: str, *,
+                       engine: str, slots: int, window: int) -> GenerateFn:
+    """The sampler on `model` for one policy's cells: the continuous-batching engine (KV cache
+    bounded by the overwrite agent's budgets; other policies get the model's window) or static."""
+    if engine == "static":
+        return sampler_generate_fn(model, tokenizer)
+    positions = model.config.max_position_embeddings
+    if policy == "overwrite":
+        max_len = engine_max_len(builder, positions, question_budget=agent.question_budget,
+                                 memory_tokens=agent.max_memory_tokens, chunk_size=agent.chunk_size,
+                                 answer_tokens=agent.max_final_new_tokens)
+    else:
+        max_len = min(window, positions)
+    return engine_generate_fn(model, tokenizer, slots=slots, max_len=max_len)
 
 
 def _fit_check(samples: Sequence[Mapping[str, Any]], tokenizer: Any, builder: PromptBuilder,
@@ -305,12 +321,14 @@ def evaluate(
     meta: Mapping[str, Any] | None = None,
     progress: bool = True,
     full_context_overflow: str = "truncate",
+    engine: str = "continuous",
 ) -> dict[str, Any]:
     """Evaluate `agent.policy` and `baselines` on tasks x lengths; returns the results dict.
 
     `agent` is an AgentSection (or a dict of its fields): policy, chunk_size, max_memory_tokens
     (also the memory turn's generation budget), max_final_new_tokens, final_style, templates and
-    question_budget. `generate_fn` defaults to the real sampler on `model`. `meta` (e.g. the model
+    question_budget. `generate_fn` defaults to the real sampler on `model`: the continuous-batching
+    engine (`engine="continuous"`, `batch_size` slots) or one batched call per turn ("static"). `meta` (e.g. the model
     path) is stored in results.json. `full_context_overflow`: "truncate" (center-truncate documents
     longer than the window leaves) or "na" (record those cells as N/A). Raises ValueError when
     out_dir holds results of other settings.
@@ -334,10 +352,10 @@ def evaluate(
     policies = list(dict.fromkeys([agent.policy, *baselines]))
     for name in policies:
         _policy_for(name, agent, name == agent.policy)  # fail fast on a bad name or setting
-    if generate_fn is None:
-        if model is None:
-            raise ValueError("evaluate needs a model or a generate_fn")
-        generate_fn = sampler_generate_fn(model, tokenizer)
+    if engine not in ("continuous", "static"):
+        raise ValueError(f"engine must be 'continuous' or 'static', got {engine!r}")
+    if generate_fn is None and model is None:
+        raise ValueError("evaluate needs a model or a generate_fn")
     window = max_context_tokens or getattr(getattr(model, "config", None), "max_position_embeddings", None) \
         or DEFAULT_WINDOW
     settings = json.loads(json.dumps({
@@ -362,6 +380,9 @@ def evaluate(
                    chunk_size=agent.chunk_size)
     gen = dict(max_memory_new_tokens=agent.max_memory_tokens, max_final_new_tokens=agent.max_final_new_tokens,
                temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    generate_fns = {name: generate_fn or _model_generate_fn(model, tokenizer, builder, agent, name, engine=engine,
+                                                            slots=batch_size, window=window)
+                    for name in policies}
     items = hotpotqa.load_hotpotqa(hotpotqa_path) if HOTPOTQA in tasks else None
     todo = [(t, n, p) for t in tasks for n in lengths for p in policies]
     from tqdm.auto import tqdm
@@ -396,7 +417,7 @@ def evaluate(
                 truncate = reason is not None
                 cell = _run_cell(samples, _policy_for(name, agent, name == agent.policy,
                                                       doc_budget if truncate else None),
-                                 builder=builder, tokenizer=tokenizer, generate_fn=generate_fn, gen=gen,
+                                 builder=builder, tokenizer=tokenizer, generate_fn=generate_fns[name], gen=gen,
                                  batch_size=batch_size, metric=metric_name(task),
                                  question_budget=agent.question_budget)
                 if truncate:
@@ -471,7 +492,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
       help="full_context window (prompt + answer); default: the model's max_position_embeddings")
     a("--full-context-overflow", default="truncate", choices=list(FULL_CONTEXT_OVERFLOW),
       help="documents longer than the full_context window: center-truncate them (default) or mark the cell N/A")
-    a("--batch-size", type=positive_int, default=16, help="documents per rollout batch")
+    a("--batch-size", type=positive_int, default=16, help="documents per rollout batch (= engine slots)")
+    a("--engine", default="continuous", choices=["continuous", "static"],
+      help="continuous batching (default) or one batched sampler call per memory turn")
     a("--dtype", default="float32", help="weight dtype (float32, bfloat16)")
     a("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -519,7 +542,7 @@ def run_eval_cli(args: argparse.Namespace) -> dict[str, Any]:
                        max_context_tokens=args.max_context_tokens, hotpotqa_path=args.hotpotqa,
                        squad_path=args.squad, batch_size=args.batch_size,
                        meta={"model": os.path.abspath(args.model)}, progress=not args.no_progress,
-                       full_context_overflow=args.full_context_overflow)
+                       full_context_overflow=args.full_context_overflow, engine=args.engine)
     print(render_report(results))
     print(f"results: {Path(args.out).resolve()} ({RESULTS_JSON}, {RESULTS_CSV}, {REPORT_MD}, {', '.join(PLOTS)})")
     return results

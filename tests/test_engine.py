@@ -237,3 +237,25 @@ def test_engine_on_8_simulated_devices_equals_one_device():
     assert sorted(results) == ["d2_f2_t2", "d8"]
     for name, r in results.items():
         assert r["ok"], f"{name}:\n{r['error']}"
+
+
+def test_eval_and_training_default_to_the_engine_with_the_static_results(tmp_path):
+    """`evaluate` (and so `memagent-jax eval`) and the trainer's config use the engine unless told
+    otherwise; the engine's cells equal the static sampler's (greedy, same seeds)."""
+    from memagent_jax import eval as ev
+    from memagent_jax.config import AgentSection, RolloutSection
+    from tiny_policy import AsciiTokenizer
+
+    assert RolloutSection().engine == "continuous"
+    tok, model = AsciiTokenizer(), tiny_model(seed=5, max_position_embeddings=1024)
+    agent = AgentSection(chunk_size=64, max_memory_tokens=8, max_final_new_tokens=8, question_budget=160)
+    calls = eng.STATS.decode_calls
+    kw = dict(tasks=["niah_single_1"], lengths=[200], num_samples=3, agent=agent, temperature=0.0,
+              baselines=("full_context",), batch_size=2, progress=False)
+    cont = ev.evaluate(model, tok, out_dir=tmp_path / "continuous", **kw)
+    assert eng.STATS.decode_calls > calls  # the default ran on the engine
+    static = ev.evaluate(model, tok, out_dir=tmp_path / "static", engine="static", **kw)
+    for key, cell in cont["cells"].items():
+        assert [r["response"] for r in cell["samples"]] == [r["response"] for r in static["cells"][key]["samples"]]
+    with pytest.raises(ValueError, match="engine must be"):
+        ev.evaluate(model, tok, out_dir=tmp_path / "x", engine="vllm", **kw)

@@ -122,3 +122,18 @@ def full_context_tokens(builder: PromptBuilder, window: int, *, question_tokens:
             f"{question_tokens} + {names['answer_tokens']} {answer_tokens} fill the model's "
             f"{window}-token window", source, f"lower {names['answer_tokens']}")
     return room
+
+
+def engine_max_len(builder: PromptBuilder, window: int, *, question_budget: int, memory_tokens: int,
+                   chunk_size: int, answer_tokens: int) -> int:
+    """KV-cache positions one continuous-batching slot needs for the memory agent: the longer of
+    a memory turn (template + question, memory and chunk budgets + reply) and the final turn
+    (template + question and memory + answer), rounded up to a sampler bucket, capped at `window`."""
+    from memagent_jax.sampler import bucket  # lazy: the window arithmetic needs no model stack
+
+    def turn(t: SplicedTemplate, reply: int) -> int:
+        sizes = {"prompt": question_budget, "memory": memory_tokens, "chunk": chunk_size}
+        return _template_tokens(t) + sum(sizes[slot] for slot in t.slots) + reply
+
+    need = max(turn(builder.memory_template, memory_tokens), turn(builder.final_template, answer_tokens))
+    return min(bucket(need), window)

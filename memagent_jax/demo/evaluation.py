@@ -64,7 +64,7 @@ def evaluate_policies(run: Any) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from memagent_jax.agent.memory import make_policy
-    from memagent_jax.agent.rollout import rollout, sampler_generate_fn
+    from memagent_jax.agent.rollout import engine_generate_fn, rollout, sampler_generate_fn
     from memagent_jax.demo.pipeline import agent_parts
     from memagent_jax.demo.task import read_jsonl
     from memagent_jax.models import from_pretrained
@@ -112,8 +112,13 @@ def evaluate_policies(run: Any) -> dict[str, Any]:
     for name, path, policy in (("rl", run.path("hf"), overwrite), ("warm_start", run.path("sft", "hf"), overwrite),
                                ("full_context", run.path("pretrain", "hf"), full)):
         model = from_pretrained(path)
-        gen = sampler_generate_fn(model, tok, temperature=d.eval_temperature, top_p=d.eval_top_p,
-                                  max_prompt_len=model.config.max_position_embeddings)
+        if run.cfg.rollout.engine == "continuous":  # the config's rollout engine, as the RL stage
+            gen = engine_generate_fn(model, tok, slots=run.cfg.rollout.engine_slots,
+                                     max_len=model.config.max_position_embeddings,
+                                     temperature=d.eval_temperature, top_p=d.eval_top_p)
+        else:
+            gen = sampler_generate_fn(model, tok, temperature=d.eval_temperature, top_p=d.eval_top_p,
+                                      max_prompt_len=model.config.max_position_embeddings)
         run_set(gen, policy, sets[first][:8], progress=False)  # untimed: compiles the programs
         for key, samples in sets.items():
             res, seconds = run_set(gen, policy, samples, progress=policy is overwrite)

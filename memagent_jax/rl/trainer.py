@@ -31,6 +31,7 @@ from memagent_jax import sampler
 from memagent_jax.agent.memory import make_policy
 from memagent_jax.agent.prompts import builder_from_config
 from memagent_jax.agent.rollout import RolloutResult, engine_generate_fn, rollout
+from memagent_jax.agent.window import engine_max_len
 from memagent_jax.checkpoint import RunCheckpointer, StopSignal
 from memagent_jax.config import Config, save_config
 from memagent_jax.distributed import allgather_objects, global_array, global_max, to_host
@@ -179,10 +180,9 @@ class Trainer:
         """Cache positions per engine slot: the longest prompt the agent's budgets allow (template,
         question, memory, chunk) plus the longer reply, bucketed, within the model's window."""
         a = self.cfg.agent
-        template = max(len(self.builder.memory_prompt([], [], [])), len(self.builder.final_prompt([], [])))
-        need = template + a.question_budget + a.max_memory_tokens + a.chunk_size + max(
-            a.max_memory_tokens, a.max_final_new_tokens)
-        return min(sampler.bucket(need), model.config.max_position_embeddings)
+        return engine_max_len(self.builder, model.config.max_position_embeddings,
+                              question_budget=a.question_budget, memory_tokens=a.max_memory_tokens,
+                              chunk_size=a.chunk_size, answer_tokens=a.max_final_new_tokens)
 
     # ------------------------------------------------------------------------------ collect
     @staticmethod
