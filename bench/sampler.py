@@ -5,7 +5,8 @@ greedy generation of `--new-tokens` for `--batch` random prompts of `--prompt-le
 so every row decodes every step) and prints ONE JSON line. Both sides are timed end to end
 (prefill + decode) after a warm-up call with the same shapes, alternating ours and the peer so
 both see the same background load; the figure is the best of `--repeats` calls (medians are
-reported too). `--preset qwen2.5-0.5b` uses Qwen2.5-0.5B shapes in bf16 and adds the HBM
+reported too). The same calls with ONE new token time the prefill on each side; the rest, per
+step, is the decode (`*_prefill_seconds`, `*_decode_ms_per_step`). `--preset qwen2.5-0.5b` uses Qwen2.5-0.5B shapes in bf16 and adds the HBM
 roofline of a decode step (weights + KV cache read at the mean cache length).
 
     python bench/sampler.py                      # CPU default
@@ -85,7 +86,8 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def ours_call(args: argparse.Namespace, path: Path, prompts: list[list[int]]) -> Callable[[], list]:
+def ours_call(args: argparse.Namespace, path: Path, prompts: list[list[int]], new_tokens: int | None = None
+              ) -> Callable[[], list]:
     """Loads the checkpoint with our loader; returns a greedy generate call (token lists)."""
     import jax.numpy as jnp
 
@@ -93,11 +95,13 @@ def ours_call(args: argparse.Namespace, path: Path, prompts: list[list[int]]) ->
 
     model = models.from_pretrained(path, dtype=getattr(jnp, args.dtype))
     state = sampler.decode_state(model, None)
-    return lambda: sampler.generate(model, prompts, max_new_tokens=args.new_tokens, temperature=0.0,
+    n = new_tokens or args.new_tokens
+    return lambda: sampler.generate(model, prompts, max_new_tokens=n, temperature=0.0,
                                     state=state, max_prompt_len=args.prompt_len).tokens
 
 
-def hf_call(args: argparse.Namespace, path: Path, prompts: list[list[int]]) -> Callable[[], list]:
+def hf_call(args: argparse.Namespace, path: Path, prompts: list[list[int]], new_tokens: int | None = None
+            ) -> Callable[[], list]:
     """The same with transformers' generate (KV cache, exactly N tokens): on CUDA when JAX runs
     on a GPU, else torch CPU with one thread per usable core."""
     import jax
@@ -109,8 +113,9 @@ def hf_call(args: argparse.Namespace, path: Path, prompts: list[list[int]]) -> C
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path, dtype=getattr(torch, args.dtype)).eval().to(device)
     ids = torch.tensor(prompts, dtype=torch.long, device=device)
+    n = new_tokens or args.new_tokens
     kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, use_cache=True,
-              max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+              max_new_tokens=n, min_new_tokens=n,
               eos_token_id=None, pad_token_id=0)
 
     def call() -> list:
@@ -179,6 +184,10 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.no_peer:
             calls["hf"] = hf_call(args, Path(tmp), prompts)
         times, outputs = time_interleaved(calls, args.repeats)
+        # The prefill/decode split: the same call with one new token is the prefill (+ 1 step).
+        firsts = {f"{name}_prefill": fn(args, Path(tmp), prompts, 1)
+                  for name, fn in (("ours", ours_call), ("hf", hf_call)) if name in calls}
+        first_times, _ = time_interleaved(firsts, args.repeats)
     assert all(len(t) == args.new_tokens for t in outputs["ours"])
     ours_s = min(times["ours"])
     result = {
@@ -194,6 +203,11 @@ def main(argv: list[str] | None = None) -> dict:
         "ours_seconds": ours_s, "ours_median_seconds": statistics.median(times["ours"]),
         "ours_tokens_per_s": new / ours_s,
     }
+    for name in calls:  # prefill = the 1-token call; decode = the rest, per step
+        prefill = min(first_times[f"{name}_prefill"])
+        side = "ours" if name == "ours" else "hf_generate"
+        result[f"{side}_prefill_seconds"] = prefill
+        result[f"{side}_decode_ms_per_step"] = 1e3 * (min(times[name]) - prefill) / max(1, args.new_tokens - 1)
     if "hf" in times:
         import torch
 

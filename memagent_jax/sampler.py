@@ -230,14 +230,25 @@ def _validate(prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature
         raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
 
 
-def decode_state(model: Decoder, mesh: jax.sharding.Mesh | None) -> tuple[Any, Any]:
-    """(graphdef, state) with weights laid out by the decode rules on `mesh` (no-op if already)."""
+def decode_state(model: Decoder, mesh: jax.sharding.Mesh | None, *, cast: bool = True) -> tuple[Any, Any]:
+    """(graphdef, state) with weights laid out by the decode rules on `mesh` (no-op if already)
+    and, with `cast`, floating weights cast ONCE to the compute dtype (`config.dtype`): with fp32
+    masters and bf16 compute every decode step then reads bf16 weights. The model casts each
+    weight to the compute dtype where it uses it, so the cast changes no result, only bytes read."""
     graphdef, state = nnx.split(model)
+    compute = jnp.dtype(model.config.dtype)
+
+    def lower(x: jax.Array) -> jax.Array:
+        return x.astype(compute) if cast and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != compute else x
+
+    flat = nnx.to_flat_state(state)
+    needs_cast = cast and any(lower(v.get_value()) is not v.get_value() for _, v in flat)
     if mesh is not None:
         shardings = param_shardings(model.config, mesh, DECODE_RULES)
-        flat = {p: jax.device_put(v.get_value(), shardings["/".join(map(str, p))])
-                for p, v in nnx.to_flat_state(state)}
-        state = nnx.from_flat_state(flat)
+        state = nnx.from_flat_state({p: jax.device_put(lower(v.get_value()), shardings["/".join(map(str, p))])
+                                     for p, v in flat})
+    elif needs_cast:
+        state = nnx.from_flat_state({p: lower(v.get_value()) for p, v in flat})
     return graphdef, state
 
 
