@@ -10,8 +10,8 @@ With --preset qwen2.5-0.5b (random weights, bf16) and --peak-tflops, it also rep
 utilisation: 6 * params * tokens (+ attention) per step / time / peak.
 
 On a GPU the torch peer runs on CUDA, first (its memory is released before JAX allocates), and
-`--attn cudnn` swaps the model's materialised attention for cuDNN flash attention in the training
-forward (bench-only monkeypatch of `transformer.attention`; decode/prefill keep the original).
+`--attn` sets `model.attention` (models/attention.py): `cudnn` runs cuDNN's flash attention in the
+training forward, `splash` the Pallas TPU kernel; decode/prefill keep the materialised `xla`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from memagent_jax import models  # noqa: E402
-from memagent_jax.models import transformer  # noqa: E402
 from memagent_jax.rl.logprobs import token_logprobs  # noqa: E402
 from memagent_jax.rl.train_step import (  # noqa: E402
     LossSettings,
@@ -75,30 +74,11 @@ def _best(fn, repeats: int) -> float:
     return min(times)
 
 
-def use_attention(kind: str) -> None:
-    """`xla`: the model's own attention. `cudnn` / `dpa-xla`: jax.nn.dot_product_attention (causal,
-    GQA) with that implementation wherever queries and keys have the same length (the training
-    forward); other calls (cache attention) keep the original."""
-    if kind == "xla":
-        return
-    original = transformer.attention
-    impl = {"cudnn": "cudnn", "dpa-xla": "xla"}[kind]
-
-    def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-        if q.shape[1] != k.shape[1]:
-            return original(q, k, v, mask)
-        B, T, H, hd = q.shape
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
-        return out.reshape(B, T, H * hd)
-
-    transformer.attention = attention
-
-
 def bench_ours(path: Path, tokens: np.ndarray, mask: np.ndarray, adv: np.ndarray, dtype: str,
-               repeats: int, remat: str, logprob_chunk: int = 512, breakdown: bool = False
-               ) -> tuple[float, dict]:
+               repeats: int, remat: str, logprob_chunk: int = 512, breakdown: bool = False,
+               attention: str = "xla") -> tuple[float, dict]:
     model = models.from_pretrained(path, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32,
-                                   remat=remat)
+                                   remat=remat, attention=attention)
     tx = make_optimizer(1e-5, 1, 1, weight_decay=0.01, grad_clip=1.0)
     # with the weights' 1-device mesh, so the scalars' shardings match the update's outputs
     # (without it the update compiles twice: once more at the first timed step)
@@ -206,8 +186,8 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--remat", default="none")
-    p.add_argument("--attn", default="xla", choices=["xla", "cudnn", "dpa-xla"],
-                   help="training attention: the model's own (xla) or jax.nn.dot_product_attention")
+    p.add_argument("--attn", default="xla", choices=["xla", "cudnn", "splash", "auto"],
+                   help="model.attention of the training forward (models/attention.py)")
     p.add_argument("--logprob-chunk", type=int, default=512)
     p.add_argument("--breakdown", action="store_true",
                    help="also time the step's pieces (grads, update, backbone fwd / fwd+bwd, logp fwd)")
@@ -226,9 +206,8 @@ def main() -> None:
         _hf_checkpoint(args.preset, path, args.dtype)
         # the peer first: torch releases its CUDA memory before JAX reserves its pool
         peer = None if args.no_peer else bench_torch(path, tokens, mask, adv, args.dtype, args.repeats)
-        use_attention(args.attn)
         ours, parts = bench_ours(path, tokens, mask, adv, args.dtype, args.repeats, args.remat,
-                                 args.logprob_chunk, args.breakdown)
+                                 args.logprob_chunk, args.breakdown, args.attn)
     n_tokens = args.batch * args.seq
     cfg = PRESETS[args.preset]
     n_params = models.count_params(models.ModelConfig.from_hf_dict(

@@ -24,6 +24,7 @@ class ModelSection:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"
+    attention: str = "xla"  # xla | cudnn (GPU) | splash (TPU; interpret mode on CPU) | auto
     # Random-init shape (used when path is empty).
     architecture: str = "qwen2"
     vocab_size: int = 0  # 0 = the tokenizer's vocabulary

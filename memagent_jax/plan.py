@@ -22,8 +22,10 @@ Train step (TRAIN_RULES layout; one micro-batch of r rows x W tokens per device,
              intermediates (h, norm(h), h', norm(h') + 2 fp32 RMSNorm copies; q, attention
              output, k, v; gate, up, silu(gate), gate*up)
              + (H + K)*hd*(cb + 4)/t with q/k norm (Qwen3: normed q, k + their fp32 copies)
-    scores = r * (H/t) * W^2   elements of ONE layer's attention matrix: attention is not flash,
-             the fp32 [B, K, G, T, S] scores exist in full
+    scores = r * (H/t) * W^2   elements of ONE layer's attention matrix with model.attention=xla
+             (the fp32 [B, K, G, T, S] scores exist in full); 0 with cudnn / splash / auto
+             (flash kernels: O(T), their fp32 log-sum-exp r * (H/t) * W * 4 bytes per layer,
+             counted once in the saved activations and twice in a layer's backward)
     saved by the layer scan, per remat policy:
       none           L * (tok*a_tok + scores*(8 + cb))   fp32 scores + fp32 probs + cb probs
       full           L * tok*D*cb                        each layer's input (the scan carry)
@@ -159,7 +161,7 @@ def resolve_model(cfg: Config, hf_config: dict | None = None) -> tuple[str, Mode
     """The policy's shape: model.path's config.json, else `hf_config`, else KNOWN_SHAPES by the
     path's basename (a hub name such as Qwen/Qwen2.5-7B-Instruct), else model.* (random init)."""
     m = cfg.model
-    dtypes = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
+    dtypes = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, attention=m.attention)
     path = Path(m.path) if m.path else None
     if path is not None and (path / "config.json").is_file():
         return str(path), ModelConfig.from_pretrained_dir(path, **dtypes)
@@ -244,15 +246,17 @@ def activation_bytes(model: ModelConfig, rows: int, width: int, tensor: int, log
                          model.num_heads, model.num_kv_heads, model.head_dim)
     V, cb, t = model.vocab_size, _BYTES[model.dtype], tensor
     tok = rows * width
-    scores = rows * (H // t) * width * width
+    flash = model.attention != "xla"  # cudnn / splash (auto = one of them on GPU / TPU)
+    scores = 0 if flash else rows * (H // t) * width * width
+    lse = rows * (H // t) * width * 4 if flash else 0  # the kernels' fp32 log-sum-exp per query
     a_tok = D * (4 * cb + 8) + hd * (2 * H + 2 * K) * cb // t + 4 * F * cb // t
     if model.qk_norm:  # normed q and k, and the fp32 copies their RMSNorms make
         a_tok += hd * (H + K) * (cb + 4) // t
-    layer = tok * a_tok + scores * (10 + cb)
+    layer = tok * a_tok + scores * (10 + cb) + 2 * lse
     saved = {
-        "none": L * (tok * a_tok + scores * (8 + cb)),
+        "none": L * (tok * a_tok + scores * (8 + cb) + lse),
         "full": L * tok * D * cb,
-        "dots": L * (tok * (3 * D + (2 * H + 2 * K) * hd // t + 2 * F // t) * cb + scores * (4 + cb)),
+        "dots": L * (tok * (3 * D + (2 * H + 2 * K) * hd // t + 2 * F // t) * cb + scores * (4 + cb) + lse),
         "dots_no_batch": L * tok * (3 * D + (H + 2 * K) * hd // t + 2 * F // t) * cb,
     }[model.remat]
     layer_weights = sum(math.prod(s) for p, s in param_shapes(model).items() if p.startswith("layers/"))

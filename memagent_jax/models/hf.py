@@ -162,15 +162,17 @@ def from_pretrained(
     compute_dtype: Any = None,
     rules: Rules = TRAIN_RULES,
     remat: str = "none",
+    attention: str = "xla",
 ) -> Decoder:
     """Loads an HF Qwen2/Qwen3/Llama checkpoint directory as a Decoder with weights in `dtype`.
 
     With a mesh, each weight is created sharded by the rules table; without one, a 1-device mesh.
+    `attention` picks the cache-free attention kernel (models/attention.py: xla, cudnn, splash, auto).
     """
     path = Path(path)
     pdtype = dtype_name(dtype)
     config = ModelConfig.from_pretrained_dir(
-        path, param_dtype=pdtype, dtype=dtype_name(compute_dtype or dtype), remat=remat
+        path, param_dtype=pdtype, dtype=dtype_name(compute_dtype or dtype), remat=remat, attention=attention
     )
     files = _WeightFiles(path)
     try:

@@ -9,6 +9,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from memagent_jax.models.attention import ATTENTION_IMPLS
+
 SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
@@ -68,6 +70,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"
+    attention: str = "xla"  # models/attention.py: xla | cudnn | splash | auto (a runtime choice, not saved)
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES.values():
@@ -98,6 +101,8 @@ class ModelConfig:
             )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; expected one of {REMAT_POLICIES}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention={self.attention!r}; expected one of {ATTENTION_IMPLS}")
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
