@@ -54,6 +54,7 @@ class DemoSection:
     pretrain_batch_size: int = 16
     pretrain_lr: float = 3e-3
     pretrain_copy_share: float = 1.0  # repeated random spans per lookup document (induction heads)
+    pretrain_copy_steps: int = 0  # a first phase of repeated random spans only (induction heads form)
     context_window: int = 384  # document tokens the full-context baseline reads (center-truncated)
     careless: float = 0.5  # fraction of warm-start documents from a careless teacher
     sft_docs: int = 2000
@@ -213,21 +214,23 @@ def agent_parts(run: Run, tokenizer: Any, training_chunks: int | None) -> tuple[
     return policy, PromptBuilder(tokenizer, templates_from_config(a))
 
 
-def _train(run: Run, stage: str, model: Any, examples: list, settings: Any, pad_id: int
-           ) -> tuple[Any, list[dict]]:
-    """Supervised training with a progress bar and `<stage>/metrics.jsonl`: (model, history)."""
+def _train(run: Run, stage: str, model: Any, examples: list, settings: Any, pad_id: int,
+           first_step: int = 0, phase: str = "") -> tuple[Any, list[dict]]:
+    """Supervised training with a progress bar and `<stage>/metrics.jsonl`: (model, history).
+    A later phase of the same stage (`first_step` > 0) appends its steps after the earlier ones."""
     from memagent_jax.metrics import MetricsWriter
     from memagent_jax.rl.sft import train_sft
 
+    if first_step == 0:
+        run.path(stage, "metrics.jsonl").unlink(missing_ok=True)
     writer = MetricsWriter(run.path(stage), tensorboard=False)
-    bar = _bar(run, settings.steps, f"{stage}: steps", "step")
+    bar = _bar(run, settings.steps, f"{stage}{phase}: steps", "step")
 
     def on_step(step: int, m: dict[str, float]) -> None:
-        writer.write(step, m)
+        writer.write(first_step + step, m)
         bar.update(1)
         bar.set_postfix(loss=f"{m['loss']:.3f}")
 
-    run.path(stage, "metrics.jsonl").unlink(missing_ok=True)
     model, history = train_sft(model, examples, settings, pad_id=pad_id, on_step=on_step)
     bar.close()
     writer.close()
@@ -236,7 +239,7 @@ def _train(run: Run, stage: str, model: Any, examples: list, settings: Any, pad_
 
 def stage_pretrain(run: Run) -> dict[str, Any]:
     from memagent_jax.demo import base
-    from memagent_jax.demo.pretrain import lookup_corpus
+    from memagent_jax.demo.pretrain import copy_corpus, lookup_corpus
     from memagent_jax.models import count_params, init_model
     from memagent_jax.policy import random_model_config
     from memagent_jax.rl.sft import SFTSettings
@@ -247,15 +250,23 @@ def stage_pretrain(run: Run) -> dict[str, Any]:
         return base.copy_base(run.path("pretrain"))
     tok, d = load_tokenizer(run.path("tokenizer")), run.demo
     _, builder = agent_parts(run, tok, None)
+    mcfg = random_model_config(run.cfg, tok.vocab_size)
+    model = init_model(mcfg, seed=d.seed)
+    copies = []
+    if d.pretrain_copy_steps:  # phase 1: repeated random spans only, until induction heads form
+        copies = copy_corpus(tok, d.pretrain_copy_steps * d.pretrain_batch_size, seed=d.seed + 4)
+        settings = SFTSettings(steps=d.pretrain_copy_steps, batch_size=d.pretrain_batch_size, lr=d.pretrain_lr,
+                               warmup_steps=20, seed=d.seed, pad_multiple=128)
+        model, _ = _train(run, "pretrain", model, copies, settings, tok.pad_id, phase=" (copying)")
     examples = lookup_corpus(tok, builder, num_docs=d.pretrain_docs, chunk_size=run.cfg.agent.chunk_size,
                              max_chunks=d.pretrain_max_chunks, num_keys=d.num_keys, seed=d.seed + 3,
                              max_decoys=d.max_decoys, copy_share=d.pretrain_copy_share)
-    mcfg = random_model_config(run.cfg, tok.vocab_size)
-    model = init_model(mcfg, seed=d.seed)
     settings = SFTSettings(steps=d.pretrain_steps, batch_size=d.pretrain_batch_size, lr=d.pretrain_lr,
                            warmup_steps=20, seed=d.seed, pad_multiple=128)
-    model, history = _train(run, "pretrain", model, examples, settings, tok.pad_id)
+    model, history = _train(run, "pretrain", model, examples, settings, tok.pad_id,
+                            first_step=d.pretrain_copy_steps, phase=" (lookup)" if copies else "")
     export_model(model, tok, run.path("pretrain", "hf"))
+    examples = copies + examples
     return {"sequences": len(examples), "tokens": int(sum(len(e.tokens) for e in examples)),
             "params": count_params(mcfg), "final_loss": history[-1]["loss"]}
 

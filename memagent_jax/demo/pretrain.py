@@ -90,11 +90,26 @@ def lookup_corpus(tokenizer: Any, builder: PromptBuilder, *, num_docs: int, chun
                             max_decoys=max_decoys)
         for s in T.generate(spec, tokenizer, count, seed=seed, progress=progress):
             out.append(lookup_sequence(s, keys, builder, tokenizer, rng, absent_share, max_queries))
-    special = {int(tokenizer.pad_id), int(tokenizer.eos_id), *map(int, tokenizer.eos_ids)}
-    ordinary = np.array([i for i in range(tokenizer.vocab_size) if i not in special])
+    ordinary = ordinary_ids(tokenizer)
     out += [repeated_span(ordinary, rng) for _ in range(int(round(copy_share * num_docs)))]
     order = rng.permutation(len(out))
     return [out[i] for i in order]
+
+
+def ordinary_ids(tokenizer: Any) -> np.ndarray:
+    """Token ids other than pad and EOS."""
+    special = {int(tokenizer.pad_id), int(tokenizer.eos_id), *map(int, tokenizer.eos_ids)}
+    return np.array([i for i in range(tokenizer.vocab_size) if i not in special])
+
+
+def copy_corpus(tokenizer: Any, count: int, seed: int) -> list[MaskedSequence]:
+    """`count` repeated random spans (`repeated_span`): the copying phase that comes first. Mixed
+    with lookup sequences from the start, the span loss stayed flat (no induction heads) for
+    4,400 steps in our trials; alone, it fell from 6.9 to 0.2 within 1,000 steps, and the model
+    then picked the asked needle's digit by induction (0.75 vs 0.5 chance, teacher-forced)."""
+    rng = np.random.default_rng([seed, 11])
+    ordinary = ordinary_ids(tokenizer)
+    return [repeated_span(ordinary, rng) for _ in range(count)]
 
 
 def repeated_span(ordinary: np.ndarray, rng: np.random.Generator, min_len: int = 8, max_len: int = 40

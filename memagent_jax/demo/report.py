@@ -183,6 +183,8 @@ def write_report(run: Any) -> dict[str, Any]:
     stopped = json.loads(run.done_file("rl").read_text()).get("stopped_early", "")
     pre_done = json.loads(run.done_file("pretrain").read_text())
     pre = pre_done.get("provenance", pre_done)  # the shipped base's own record, or this run's
+    copy_steps = pre.get("pretrain", {}).get("pretrain_copy_steps",
+                                             0 if "provenance" in pre_done else d.pretrain_copy_steps)
     lines = [
         "# memagent-jax demo: a tiny memory agent, trained and evaluated on one CPU", "",
         f"{summary['date']} on {summary['machine']}.", "",
@@ -198,7 +200,9 @@ def write_report(run: Any) -> dict[str, Any]:
         "",
         "## Stages", "",
         f"1. Base model{' (shipped: ' + pre_done['source'] + ', made ' + str(pre.get('date')) + ' in ' + str(pre.get('pretrain_wall_time_s')) + ' s by `' + str(pre.get('command')) + '`)' if 'provenance' in pre_done else ''}: "
-        f"{pre.get('pretrain', {}).get('pretrain_steps', d.pretrain_steps)} steps x "
+        + (f"{copy_steps} steps x {pre.get('pretrain', {}).get('pretrain_batch_size', d.pretrain_batch_size)} "
+           "repeated random spans only (induction heads), then " if copy_steps else "")
+        + f"{pre.get('pretrain', {}).get('pretrain_steps', d.pretrain_steps)} steps x "
         f"{pre.get('pretrain', {}).get('pretrain_batch_size', d.pretrain_batch_size)} lookup sequences "
         f"({pre.get('sequences', '?')} sequences, {pre.get('tokens', 0):,} tokens: documents of 1-"
         f"{pre.get('pretrain', {}).get('pretrain_max_chunks', d.pretrain_max_chunks)} chunks with every needle "
