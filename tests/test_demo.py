@@ -209,3 +209,15 @@ def test_default_demo_starts_from_the_shipped_base(tmp_path):
     assert (out / "sft" / "hf" / "config.json").is_file()
     with pytest.raises(ValueError, match="--from-scratch"):
         run_demo(out_dir=tmp_path / "x", config=MICRO, ship_base=True)
+
+
+def test_wilson_interval_holds_its_proportion_at_the_edges():
+    """A perfect (or zero) score's interval ends exactly at it: the report's error bars need
+    non-negative lengths (200/200 once rounded the upper bound below 1.0)."""
+    from memagent_jax.demo.evaluation import wilson_interval
+
+    for successes, n in ((200, 200), (0, 200), (199, 200), (1, 3), (7, 7)):
+        lo, hi = wilson_interval(successes, n)
+        assert 0.0 <= lo <= successes / n <= hi <= 1.0
+    assert wilson_interval(200, 200)[1] == 1.0 and wilson_interval(0, 200)[0] == 0.0
+    assert 0.98 < wilson_interval(200, 200)[0] < 0.99

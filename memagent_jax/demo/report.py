@@ -74,8 +74,8 @@ def _plots(run: Any, results: dict[str, Any], curves: dict[str, list[dict]]) -> 
                 continue
             ys = [results[metric][p][k] for k in mults]
             if metric == "accuracy":
-                lo = [y - results["interval"][p][k][0] for y, k in zip(ys, mults)]
-                hi = [results["interval"][p][k][1] - y for y, k in zip(ys, mults)]
+                lo = [max(0.0, y - results["interval"][p][k][0]) for y, k in zip(ys, mults)]
+                hi = [max(0.0, results["interval"][p][k][1] - y) for y, k in zip(ys, mults)]
                 ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o-", capsize=3, label=POLICY_LABELS[p])
             else:
                 ax.plot(xs, ys, "o-", label=POLICY_LABELS[p])
