@@ -14,10 +14,12 @@ keys the document does not hold (answer "none \\boxed{none}"); only the answers 
 Documents have 1 to `max_chunks` chunks of the task's chunk size and 1 to 4 needles. The result
 is both the starting point of the warm start and the full-context baseline of the evaluation.
 
-A `copy_share` of extra sequences are random token spans repeated 2-3 times (loss on the
-repeats): they form induction heads ("after X comes what came after X before") within a few
-hundred steps, the mechanism the lookup answers need; without them the lookup loss sat at chance
-for over a thousand steps in our trials.
+The stage runs in two phases. First `copy_corpus`: random token spans repeated 2-3 times (loss
+on the repeats) and nothing else, until induction heads form ("after X comes what came after X
+before", ~500 steps), the mechanism the lookup answers need. Then the lookup sequences above,
+mixed with a `copy_share` of more spans. Mixed from the start, the spans' loss never fell and the
+lookup stayed at chance for thousands of steps in our trials; after the copying phase the lookup
+is learned within a few hundred steps.
 """
 
 from __future__ import annotations
