@@ -140,6 +140,29 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 attention = xla_attention  # the materialised implementation (models/attention.py)
 
 
+@jax.custom_vjp
+def linear(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., D] @ w [D, F], with the weight gradient as one einsum over the leading axes.
+
+    The same math as autodiff's; on XLA:CPU autodiff's dW transposes the [N, F] cotangent first
+    and the projection backward ran ~2.5x slower (measured at [8, 512, 256] @ [256, 688]: 58 ms
+    -> 23 ms for both gradients). Used without remat only: the remat policies (`dots`,
+    `dots_no_batch`) name autodiff's dot_general outputs, which a custom VJP would hide."""
+    return x @ w
+
+
+def _linear_fwd(x: jax.Array, w: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return x @ w, (x, w)
+
+
+def _linear_bwd(res: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, w = res
+    return dy @ w.T, jnp.einsum("...d,...f->df", x, dy)
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)
+
+
 def write_cache(cache: jax.Array, new: jax.Array, layer: jax.Array, offset: jax.Array) -> jax.Array:
     """Writes new [B, T, K, hd] into the stacked cache [L, B, S, K, hd] at `layer`, slots
     offset[b] ... offset[b] + T - 1 of row b.
@@ -199,6 +222,8 @@ class Decoder(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final-normed hidden states [..., D] -> fp32 logits [..., V]."""
         w = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+        if hidden.dtype == jnp.float32 and self.config.remat == "none":  # `linear`'s faster weight gradient
+            return linear(hidden, w.astype(jnp.float32))
         return jnp.einsum("...d,dv->...v", hidden, w.astype(hidden.dtype),
                           preferred_element_type=jnp.float32)
 
@@ -237,13 +262,15 @@ class Decoder(nnx.Module):
             query_slot = offset[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
             mask = slots[None, None, :] <= query_slot[:, :, None]
 
+        mm = linear if cfg.remat == "none" else jnp.matmul
+
         def block(carry: Any, xs: Any) -> tuple[Any, None]:
             h, ck, cv = carry
             p, i = xs
             a = rms_norm(h, p["input_norm"], cfg.rms_norm_eps)
-            q = a @ p["q_proj"].astype(dtype)
-            k = a @ p["k_proj"].astype(dtype)
-            v = a @ p["v_proj"].astype(dtype)
+            q = mm(a, p["q_proj"].astype(dtype))
+            k = mm(a, p["k_proj"].astype(dtype))
+            v = mm(a, p["v_proj"].astype(dtype))
             if cfg.qkv_bias:
                 q, k, v = (q + p["q_bias"].astype(dtype), k + p["k_bias"].astype(dtype),
                            v + p["v_bias"].astype(dtype))
@@ -262,10 +289,10 @@ class Decoder(nnx.Module):
                 att = causal_attention(q, k, v, mask, cfg.attention)
             else:  # prefill / decode over the cache: per-row offsets, materialised
                 att = xla_attention(q, k, v, mask)
-            h = h + att @ p["o_proj"].astype(dtype)
+            h = h + mm(att, p["o_proj"].astype(dtype))
             m = rms_norm(h, p["post_norm"], cfg.rms_norm_eps)
-            gated = jax.nn.silu(m @ p["gate_proj"].astype(dtype)) * (m @ p["up_proj"].astype(dtype))
-            h = h + gated @ p["down_proj"].astype(dtype)
+            gated = jax.nn.silu(mm(m, p["gate_proj"].astype(dtype))) * mm(m, p["up_proj"].astype(dtype))
+            h = h + mm(gated, p["down_proj"].astype(dtype))
             return (h, ck, cv), None
 
         carry = (x, None if cache is None else cache.k, None if cache is None else cache.v)
