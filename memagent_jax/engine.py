@@ -368,28 +368,33 @@ class Engine:
                                 args)
         self._slots = _jitted_prefill(chunk, self.mesh)(self.graphdef, self.state, self._slots, *args)
 
-    def _local_rows(self, name: str, slots: Sequence[int] | None = None) -> np.ndarray:
-        """This process's rows of slot array `name` (local slot order), or the given local slots."""
-        x = self._slots[name]
+    def _local_rows(self, names: Sequence[str], slots: Sequence[int] | None = None) -> list[np.ndarray]:
+        """This process's rows of the slot arrays `names` (local slot order), or the given local
+        slots: one device-to-host transfer for all of them with one process."""
         if self.procs == 1:
-            return np.asarray(jax.device_get(x if slots is None else x[np.asarray(slots)]))
-        out = np.zeros((self.local_slots, *x.shape[1:]), x.dtype)
+            picked = [self._slots[n] if slots is None else self._slots[n][np.asarray(slots)] for n in names]
+            return [np.asarray(x) for x in jax.device_get(picked)]
+        outs = []
         lo, hi = self.first_slot, self.first_slot + self.local_slots
-        for shard in x.addressable_shards:
-            rows = shard.index[0]
-            start, stop = rows.start or 0, rows.stop if rows.stop is not None else x.shape[0]
-            a, b = max(start, lo), min(stop, hi)
-            if a < b:
-                out[a - lo:b - lo] = np.asarray(shard.data)[a - start:b - start]
-        return out if slots is None else out[np.asarray(slots)]
+        for name in names:
+            x = self._slots[name]
+            out = np.zeros((self.local_slots, *x.shape[1:]), x.dtype)
+            for shard in x.addressable_shards:
+                rows = shard.index[0]
+                start, stop = rows.start or 0, rows.stop if rows.stop is not None else x.shape[0]
+                a, b = max(start, lo), min(stop, hi)
+                if a < b:
+                    out[a - lo:b - lo] = np.asarray(shard.data)[a - start:b - start]
+            outs.append(out if slots is None else out[np.asarray(slots)])
+        return outs
 
     def _collect(self) -> list[Result]:
         """Frees the slots whose request finished; returns their results."""
-        active, step = self._local_rows("active"), self._local_rows("step")
+        active, step = self._local_rows(("active", "step"))
         done = [s for s, o in enumerate(self._slot_owner) if o is not None and not active[s]]
         if not done:
             return []
-        tokens, logps = self._local_rows("tokens", done), self._local_rows("logps", done)
+        tokens, logps = self._local_rows(("tokens", "logps"), done)
         results = []
         for j, s in enumerate(done):
             rid = self._slot_owner[s]

@@ -242,7 +242,8 @@ def decode_state(model: Decoder, mesh: jax.sharding.Mesh | None, *, cast: bool =
         return x.astype(compute) if cast and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != compute else x
 
     flat = nnx.to_flat_state(state)
-    needs_cast = cast and any(lower(v.get_value()) is not v.get_value() for _, v in flat)
+    needs_cast = cast and any(jnp.issubdtype(v.get_value().dtype, jnp.floating) and v.get_value().dtype != compute
+                              for _, v in flat)
     if mesh is not None:
         shardings = param_shardings(model.config, mesh, DECODE_RULES)
         state = nnx.from_flat_state({p: jax.device_put(lower(v.get_value()), shardings["/".join(map(str, p))])
