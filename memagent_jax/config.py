@@ -24,7 +24,8 @@ class ModelSection:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"
-    attention: str = "xla"  # xla | cudnn (GPU) | splash (TPU; interpret mode on CPU) | auto
+    scan_layers: bool = True  # false: unroll the layer loop (shallow models on CPU; compile time grows with depth)
+    attention: str = "auto"  # xla | cudnn (GPU) | splash (TPU; interpret mode on CPU) | blocked | auto
     # Random-init shape (used when path is empty).
     architecture: str = "qwen2"
     vocab_size: int = 0  # 0 = the tokenizer's vocabulary

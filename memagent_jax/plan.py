@@ -25,7 +25,11 @@ Train step (TRAIN_RULES layout; one micro-batch of r rows x W tokens per device,
     scores = r * (H/t) * W^2   elements of ONE layer's attention matrix with model.attention=xla
              (the fp32 [B, K, G, T, S] scores exist in full); 0 with cudnn / splash / auto
              (flash kernels: O(T), their fp32 log-sum-exp r * (H/t) * W * 4 bytes per layer,
-             counted once in the saved activations and twice in a layer's backward)
+             counted once in the saved activations and twice in a layer's backward; `auto` is
+             planned as the accelerators' flash kernel, which is what it picks in bf16);
+             blocked: kept = r * (H/t) * sum over query blocks of rows * keys * 4 bytes (the
+             causal blocks' fp32 probabilities, ~56% of W^2 at 8 blocks) saved per layer without
+             remat, plus one block's dP and dS in a layer's backward
     saved by the layer scan, per remat policy:
       none           L * (tok*a_tok + scores*(8 + cb))   fp32 scores + fp32 probs + cb probs
       full           L * tok*D*cb                        each layer's input (the scan carry)
@@ -36,7 +40,8 @@ Train step (TRAIN_RULES layout; one micro-batch of r rows x W tokens per device,
       layer   tok*a_tok + scores*(10 + cb) + 3 * one layer's weights * cb / t
               (one layer recomputed with its cotangents; all-gathered weights)
       logits  r * min(rl.logprob_chunk, W) * V/t * 12 + (1 or 2) * V*D*cb / t
-              (one checkpointed log-prob chunk: 3 fp32 [r, chunk, V] buffers; the gathered head)
+              (one log-prob chunk's backward: logits, probabilities and d logits, fp32
+              [r, chunk, V] each; the gathered head)
     the gathered-weight terms apply when f > 1 or the param and compute dtypes differ.
   peak = params + ref + optimizer + max(gradients + activations, 3 * params (the optax step))
   The micro-batch follows rl/batching.py: conversations of length l pack as
@@ -72,6 +77,7 @@ from typing import Any
 
 from memagent_jax.config import Config, load_config
 from memagent_jax.errors import InputError
+from memagent_jax.models.attention import block_rows
 from memagent_jax.models.model_config import ModelConfig
 from memagent_jax.models.sharding import DECODE_RULES, MESH_AXES, TRAIN_RULES, MeshConfig
 from memagent_jax.models.transformer import param_logical_axes, param_shapes
@@ -246,15 +252,20 @@ def activation_bytes(model: ModelConfig, rows: int, width: int, tensor: int, log
                          model.num_heads, model.num_kv_heads, model.head_dim)
     V, cb, t = model.vocab_size, _BYTES[model.dtype], tensor
     tok = rows * width
-    flash = model.attention != "xla"  # cudnn / splash (auto = one of them on GPU / TPU)
-    scores = 0 if flash else rows * (H // t) * width * width
+    flash = model.attention not in ("xla", "blocked")  # cudnn / splash (auto: one of them on GPU / TPU)
+    scores = rows * (H // t) * width * width if model.attention == "xla" else 0
     lse = rows * (H // t) * width * 4 if flash else 0  # the kernels' fp32 log-sum-exp per query
+    # blocked: the causal blocks' fp32 probabilities are kept for the backward (custom VJP
+    # residuals: saved without remat, recomputed under a remat policy), plus one block's dP, dS
+    blocks = [(a, min(a + block_rows(width), width)) for a in range(0, width, block_rows(width))]
+    kept = rows * (H // t) * sum((b - a) * b for a, b in blocks) * 4 if model.attention == "blocked" else 0
+    block_tmp = rows * (H // t) * block_rows(width) * width * 4 * 2 if model.attention == "blocked" else 0
     a_tok = D * (4 * cb + 8) + hd * (2 * H + 2 * K) * cb // t + 4 * F * cb // t
     if model.qk_norm:  # normed q and k, and the fp32 copies their RMSNorms make
         a_tok += hd * (H + K) * (cb + 4) // t
-    layer = tok * a_tok + scores * (10 + cb) + 2 * lse
+    layer = tok * a_tok + scores * (10 + cb) + 2 * lse + kept + block_tmp
     saved = {
-        "none": L * (tok * a_tok + scores * (8 + cb) + lse),
+        "none": L * (tok * a_tok + scores * (8 + cb) + lse + kept),
         "full": L * tok * D * cb,
         "dots": L * (tok * (3 * D + (2 * H + 2 * K) * hd // t + 2 * F // t) * cb + scores * (4 + cb) + lse),
         "dots_no_batch": L * tok * (3 * D + (H + 2 * K) * hd // t + 2 * F // t) * cb,
@@ -341,7 +352,11 @@ def rollout_phase(cfg: Config, model: ModelConfig, mesh: tuple[int, int, int], h
     B = _pow2_multiple(rows, d * f)
     per_dev = B // (d * f)
     kv = 2 * L * per_dev * S * (K // t) * hd * cb
-    prefill = kv + per_dev * (H // t) * chunk * S * (4 + cb)  # U-row cache + one layer's scores
+    # U-row cache + one layer's scores: xla prefills `chunk` queries against the S-slot cache; a
+    # kernel prefills the whole prompt causally (sampler._prefill): blocked holds one query
+    # block's scores, the flash kernels O(P) (left out)
+    rows_x_keys = {"xla": chunk * S, "blocked": block_rows(P) * P}.get(model.attention, 0)
+    prefill = kv + per_dev * (H // t) * rows_x_keys * (4 + cb)
     gather = 2 * kv  # U-row and B-row caches (U = B)
     decode = kv + kv // L + 8 * per_dev * (V // t) * 4
     items = _state_items(cfg, model, mesh)

@@ -47,6 +47,7 @@ def random_model_config(cfg: Config, vocab_size: int) -> ModelConfig:
         qkv_bias=m.architecture == "qwen2", tie_word_embeddings=m.tie_word_embeddings,
         rope_theta=m.rope_theta, max_position_embeddings=m.max_position_embeddings,
         param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, attention=m.attention,
+        scan_layers=m.scan_layers,
     )
 
 
@@ -59,7 +60,8 @@ def load_policy(cfg: Config, mesh: jax.sharding.Mesh | None = None, seed: int = 
     if cfg.model.path:  # files checked (config.json, safetensors headers, vocabulary) before loading
         return load_checked(cfg.model.path, tok_dir, dtype=dtype_from_name(cfg.model.param_dtype),
                             compute_dtype=dtype_from_name(cfg.model.dtype), mesh=mesh,
-                            remat=cfg.model.remat, attention=cfg.model.attention)
+                            remat=cfg.model.remat, attention=cfg.model.attention,
+                            scan_layers=cfg.model.scan_layers)
     tokenizer = load_tokenizer(tok_dir)
     model_config = random_model_config(cfg, tokenizer.vocab_size)
     check_vocab(tokenizer, model_config.vocab_size, tok_dir,

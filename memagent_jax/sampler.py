@@ -29,6 +29,7 @@ from memagent_jax.models.sharding import (
     param_shardings,
 )
 from memagent_jax.distributed import from_process_local, global_max, to_host
+from memagent_jax.models.attention import resolve as resolve_attention
 from memagent_jax.models.transformer import Decoder, KVCache
 from memagent_jax.types import SampleOutput
 
@@ -124,8 +125,13 @@ def _sample_step(logits: jax.Array, keys: jax.Array, step: jax.Array, params: di
 def _prefill(model: Decoder, ids: jax.Array, lens: jax.Array, cache: KVCache, chunk: int
              ) -> tuple[jax.Array, KVCache]:
     """Writes the prompts into the cache in chunks of `chunk` tokens (bounded attention memory);
-    returns fp32 logits at each row's last prompt token [U, V] and the cache."""
+    returns fp32 logits at each row's last prompt token [U, V] and the cache. With a flash
+    kernel (model.attention other than xla) the prompt goes in one piece: the kernel's memory is
+    O(P), and its causal attention over the new tokens is the prefill's."""
     U, P = ids.shape
+    from_start = resolve_attention(model.config.attention, dtype=model.config.dtype) != "xla"
+    if from_start:
+        chunk = P
     n_chunks = P // chunk
     last = jnp.zeros((U, model.config.hidden_size), jnp.dtype(model.config.dtype))
 
@@ -133,7 +139,8 @@ def _prefill(model: Decoder, ids: jax.Array, lens: jax.Array, cache: KVCache, ch
         last, cache = carry
         start = c * chunk
         piece = jax.lax.dynamic_slice_in_dim(ids, start, chunk, axis=1)
-        hidden, cache = model.hidden_states(piece, cache=cache, cache_index=jnp.full((U,), start))
+        hidden, cache = model.hidden_states(piece, cache=cache, cache_index=jnp.full((U,), start),
+                                            from_start=from_start)
         local = lens - 1 - start
         here = (local >= 0) & (local < chunk)
         picked = jnp.take_along_axis(hidden, jnp.clip(local, 0, chunk - 1)[:, None, None], axis=1)[:, 0]

@@ -113,7 +113,8 @@ def _policy_shape(cfg: Config, run: Path, cfg_path: Path) -> tuple[Any, Any]:
     if (base / "config.json").is_file():
         config = ModelConfig.from_pretrained_dir(base, param_dtype=cfg.model.param_dtype,
                                                  dtype=cfg.model.dtype, remat=cfg.model.remat,
-                                                 attention=cfg.model.attention)
+                                                 attention=cfg.model.attention,
+                                                 scan_layers=cfg.model.scan_layers)
         return init_model(config, seed=0), load_tokenizer(base)
     for key, path in (("model.path", cfg.model.path), ("tokenizer", cfg.tokenizer)):
         if path and not Path(path).is_dir():

@@ -162,17 +162,20 @@ def from_pretrained(
     compute_dtype: Any = None,
     rules: Rules = TRAIN_RULES,
     remat: str = "none",
-    attention: str = "xla",
+    attention: str = "auto",
+    scan_layers: bool = True,
 ) -> Decoder:
     """Loads an HF Qwen2/Qwen3/Llama checkpoint directory as a Decoder with weights in `dtype`.
 
     With a mesh, each weight is created sharded by the rules table; without one, a 1-device mesh.
-    `attention` picks the cache-free attention kernel (models/attention.py: xla, cudnn, splash, auto).
+    `attention` picks the cache-free attention kernel (models/attention.py: xla, cudnn, splash, blocked, auto;
+    default auto); `scan_layers=False` unrolls the layer loop (ModelConfig.scan_layers).
     """
     path = Path(path)
     pdtype = dtype_name(dtype)
     config = ModelConfig.from_pretrained_dir(
-        path, param_dtype=pdtype, dtype=dtype_name(compute_dtype or dtype), remat=remat, attention=attention
+        path, param_dtype=pdtype, dtype=dtype_name(compute_dtype or dtype), remat=remat, attention=attention,
+        scan_layers=scan_layers,
     )
     files = _WeightFiles(path)
     try:

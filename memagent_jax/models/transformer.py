@@ -219,9 +219,13 @@ class Decoder(nnx.Module):
         hidden, _ = self.hidden_states(input_ids, positions)
         return self.logits(hidden)
 
+    def output_weight(self) -> jax.Array:
+        """The [D, V] matrix of the LM head (the embedding's transpose when tied)."""
+        return self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final-normed hidden states [..., D] -> fp32 logits [..., V]."""
-        w = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+        w = self.output_weight()
         if hidden.dtype == jnp.float32 and self.config.remat == "none":  # `linear`'s faster weight gradient
             return linear(hidden, w.astype(jnp.float32))
         return jnp.einsum("...d,dv->...v", hidden, w.astype(hidden.dtype),
@@ -234,6 +238,7 @@ class Decoder(nnx.Module):
         *,
         cache: KVCache | None = None,
         cache_index: jax.Array | None = None,
+        from_start: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
         """Runs the blocks; returns final-normed hidden states [B, T, D] and the updated cache.
 
@@ -241,6 +246,9 @@ class Decoder(nnx.Module):
         With a cache, row b's T new keys/values are written at slots cache_index[b] ... + T - 1
         and query t attends to slots <= cache_index[b] + t: prefill is cache_index = 0, one-token
         decode is cache_index = the row's current length. Positions default to slot indices.
+        `from_start=True` says the cache holds nothing before these tokens (cache_index 0 for
+        every row): the keys are then only the T new ones and the attention is the causal one of
+        `model.attention`, as without a cache (a whole-prompt prefill with a flash kernel).
         """
         cfg = self.config
         dtype = dtype_from_name(cfg.dtype)
@@ -255,7 +263,7 @@ class Decoder(nnx.Module):
             for path in param_logical_axes(cfg) if path.startswith("layers/")
         }
 
-        if cache is None:
+        if cache is None or from_start:
             mask = jnp.tril(jnp.ones((T, T), bool))[None].repeat(B, axis=0)
         else:
             slots = jnp.arange(cache.k.shape[2], dtype=jnp.int32)
@@ -284,8 +292,9 @@ class Decoder(nnx.Module):
             v = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
             if ck is not None:
                 ck, cv = write_cache(ck, k, i, offset), write_cache(cv, v, i, offset)
-                k, v = ck[i].astype(dtype), cv[i].astype(dtype)
-            if ck is None:  # cache-free causal forward: model.attention picks the kernel
+                if not from_start:
+                    k, v = ck[i].astype(dtype), cv[i].astype(dtype)
+            if ck is None or from_start:  # causal over these T tokens: model.attention's kernel
                 att = causal_attention(q, k, v, mask, cfg.attention)
             else:  # prefill / decode over the cache: per-row offsets, materialised
                 att = xla_attention(q, k, v, mask)
@@ -297,7 +306,8 @@ class Decoder(nnx.Module):
 
         carry = (x, None if cache is None else cache.k, None if cache is None else cache.v)
         layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        (x, ck, cv), _ = jax.lax.scan(_remat(block, cfg.remat), carry, (layer_params, layer_ids))
+        (x, ck, cv), _ = jax.lax.scan(_remat(block, cfg.remat), carry, (layer_params, layer_ids),
+                                      unroll=1 if cfg.scan_layers else True)
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
         return x, (None if cache is None else KVCache(ck, cv))
 
