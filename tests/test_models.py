@@ -111,13 +111,15 @@ def test_bf16_params_give_close_logits(hf_checkpoints):
 
 
 def test_remat_and_scan_give_same_logits_and_grads(hf_checkpoints):
+    """Every remat policy, and the unrolled layer loop (scan_layers=False), give the scanned
+    forward's gradients."""
     path, _ = hf_checkpoints["llama"]
     from flax import nnx
 
     ids = jnp.asarray(np.random.default_rng(4).integers(0, 96, size=(2, 9)), jnp.int32)
     grads = []
-    for remat in ("none", "full", "dots"):
-        model = models.from_pretrained(path, remat=remat)
+    for remat, scan in (("none", True), ("full", True), ("dots", True), ("none", False), ("full", False)):
+        model = models.from_pretrained(path, remat=remat, scan_layers=scan)
         graphdef, params = nnx.split(model)
 
         def loss(p):
