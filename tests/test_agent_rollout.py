@@ -277,6 +277,15 @@ def test_full_context_baseline(caplog):
     assert "<memory>\nabchij\n</memory>\n\nYour answer:" in gen.prompt_texts(0)[0]
 
 
+def test_truncation_is_one_warning_per_policy_not_one_per_document(caplog):
+    policy = make_policy("full_context", max_context_tokens=6)
+    with caplog.at_level(logging.DEBUG, logger="memagent_jax.agent.memory"):
+        run([SAMPLE] * 5, policy=policy)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "center-truncated" in r.message]
+    debug = [r for r in caplog.records if r.levelno == logging.DEBUG and "center-truncated" in r.message]
+    assert len(warnings) == 1 and "further truncations" in warnings[0].message and len(debug) == 4
+
+
 def test_same_seed_same_rollout():
     def rand_gen(prompts, *, max_new_tokens, seed, **_):
         rng = np.random.default_rng(seed)

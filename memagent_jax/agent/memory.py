@@ -22,6 +22,16 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 from memagent_jax.agent.prompts import PromptBuilder
 
 logger = logging.getLogger(__name__)
+
+
+def log_truncation(policy: Any, message: str, *args: Any) -> None:
+    """A truncation is a WARNING the first time a policy object makes one, DEBUG afterwards: an
+    evaluation of hundreds of long documents says it once, not once per document."""
+    if getattr(policy, "_truncation_logged", False):
+        logger.debug(message, *args)
+        return
+    logger.warning(message + " (further truncations by this policy are logged at DEBUG level)", *args)
+    object.__setattr__(policy, "_truncation_logged", True)
 T = TypeVar("T")
 
 
@@ -196,7 +206,7 @@ class OverwritePolicy:
     def split(self, doc_ids: Sequence[int], *, training: bool) -> list[list[int]]:
         chunks = chunk_ids(doc_ids, self.chunk_size)
         if training and self.max_chunks is not None and len(chunks) > self.max_chunks:
-            logger.warning("document of %d chunks center-truncated to max_chunks=%d for training",
+            log_truncation(self, "document of %d chunks center-truncated to max_chunks=%d for training",
                            len(chunks), self.max_chunks)
             chunks = center_truncate(chunks, self.max_chunks)
         return chunks
@@ -238,8 +248,8 @@ class FullContextPolicy:
 
     def initial_memory(self, builder: PromptBuilder, doc_ids: Sequence[int] = ()) -> list[int]:
         if len(doc_ids) > self.max_context_tokens:
-            logger.warning("full_context: document of %d tokens center-truncated to max_context_tokens=%d",
-                           len(doc_ids), self.max_context_tokens)
+            log_truncation(self, "full_context: document of %d tokens center-truncated to "
+                           "max_context_tokens=%d", len(doc_ids), self.max_context_tokens)
         return center_truncate(doc_ids, self.max_context_tokens)
 
     def update(self, memory_ids: list[int], reply_ids: Sequence[int], tokenizer: Any) -> tuple[list[int], bool]:
