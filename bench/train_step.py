@@ -6,6 +6,10 @@ log-probs of the targets (fp32 log-softmax), the on-policy DAPO policy-gradient 
 the loss gradient equals -A * grad logp on response tokens; token-mean), backward, gradient
 clipping, and one AdamW update. Ours runs `micro_batch_grads` + the donated optimizer step.
 
+It also reports the achieved GFLOP/s of both ((6 * params + attention) * tokens per step) next to
+the machine's measured matmul GFLOP/s at the step's MLP shape (jitted `x @ w` and torch's): the
+limit a step made of such matmuls could reach. `--breakdown` times the step's pieces.
+
 With --preset qwen2.5-0.5b (random weights, bf16) and --peak-tflops, it also reports model FLOPs
 utilisation: 6 * params * tokens (+ attention) per step / time / peak.
 
@@ -76,9 +80,9 @@ def _best(fn, repeats: int) -> float:
 
 def bench_ours(path: Path, tokens: np.ndarray, mask: np.ndarray, adv: np.ndarray, dtype: str,
                repeats: int, remat: str, logprob_chunk: int = 512, breakdown: bool = False,
-               attention: str = "xla") -> tuple[float, dict]:
+               attention: str = "auto", scan_layers: bool = True) -> tuple[float, dict]:
     model = models.from_pretrained(path, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32,
-                                   remat=remat, attention=attention)
+                                   remat=remat, attention=attention, scan_layers=scan_layers)
     tx = make_optimizer(1e-5, 1, 1, weight_decay=0.01, grad_clip=1.0)
     # with the weights' 1-device mesh, so the scalars' shardings match the update's outputs
     # (without it the update compiles twice: once more at the first timed step)
@@ -135,6 +139,30 @@ def bench_ours(path: Path, tokens: np.ndarray, mask: np.ndarray, adv: np.ndarray
     return best, parts
 
 
+def matmul_gflops(m: int, k: int, n: int, repeats: int = 10) -> dict[str, float]:
+    """The machine's matmul speed at one of the step's shapes ([m, k] @ [k, n], the dtype's fp32):
+    a jitted `x @ w` and torch's `x @ w` on the same device, GFLOP/s (best of `repeats`)."""
+    rng = np.random.default_rng(0)
+    a, b = rng.random((m, k), np.float32), rng.random((k, n), np.float32)
+    ja, jb = jnp.asarray(a), jnp.asarray(b)
+    mm = jax.jit(lambda x, y: x @ y)
+    out = {"jax": 2 * m * k * n / _timed(lambda: mm(ja, jb), repeats) / 1e9}
+    try:
+        import torch
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        ta, tb = torch.from_numpy(a).to(dev), torch.from_numpy(b).to(dev)
+
+        def tmm() -> None:
+            ta @ tb
+            if dev == "cuda":
+                torch.cuda.synchronize()
+        tmm()
+        out["torch"] = 2 * m * k * n / _best(tmm, repeats) / 1e9
+    except ImportError:
+        pass
+    return {key: round(v, 1) for key, v in out.items()}
+
+
 def _timed(fn: Any, repeats: int) -> float:
     """Best wall time of fn() (blocked on its result) after one warm-up call."""
     jax.block_until_ready(fn())
@@ -186,14 +214,20 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--remat", default="none")
-    p.add_argument("--attn", default="xla", choices=["xla", "cudnn", "splash", "auto"],
+    p.add_argument("--attn", default="auto", choices=["xla", "cudnn", "splash", "blocked", "auto"],
                    help="model.attention of the training forward (models/attention.py)")
+    p.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=None,
+                   help="model.scan_layers (--no-scan-layers unrolls the layer loop); default: "
+                        "unrolled for the 4-layer tiny preset (as configs/tiny.yaml does on a "
+                        "CPU), scanned for qwen2.5-0.5b")
     p.add_argument("--logprob-chunk", type=int, default=512)
     p.add_argument("--breakdown", action="store_true",
                    help="also time the step's pieces (grads, update, backbone fwd / fwd+bwd, logp fwd)")
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (e.g. 989 for H100 bf16)")
     args = p.parse_args()
+    if args.scan_layers is None:
+        args.scan_layers = args.preset != "tiny"
 
     rng = np.random.default_rng(0)
     vocab = PRESETS[args.preset]["vocab_size"]
@@ -207,24 +241,29 @@ def main() -> None:
         # the peer first: torch releases its CUDA memory before JAX reserves its pool
         peer = None if args.no_peer else bench_torch(path, tokens, mask, adv, args.dtype, args.repeats)
         ours, parts = bench_ours(path, tokens, mask, adv, args.dtype, args.repeats, args.remat,
-                                 args.logprob_chunk, args.breakdown, args.attn)
+                                 args.logprob_chunk, args.breakdown, args.attn, args.scan_layers)
     n_tokens = args.batch * args.seq
     cfg = PRESETS[args.preset]
     n_params = models.count_params(models.ModelConfig.from_hf_dict(
         {**cfg, "architectures": ["Qwen2ForCausalLM"]}))
     attn = 12 * cfg["num_hidden_layers"] * cfg["hidden_size"] * args.seq  # per token, fwd+bwd
     flops = (6 * n_params + attn) * n_tokens
+    # the limit: the machine's matmul at the step's MLP shape, [batch*seq, hidden] @ [hidden, mlp]
+    limit = matmul_gflops(n_tokens, cfg["hidden_size"], cfg["intermediate_size"])
     out = {
         "bench": "train_step", "preset": args.preset, "dtype": args.dtype,
         "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
         "batch": args.batch, "seq": args.seq, "params": n_params,
-        "remat": args.remat, "attn": args.attn, "logprob_chunk": args.logprob_chunk,
+        "remat": args.remat, "attn": args.attn, "scan_layers": args.scan_layers, "logprob_chunk": args.logprob_chunk,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "ours_tokens_per_s": round(n_tokens / ours, 1),
         "torch_eager_tokens_per_s": None if peer is None else round(n_tokens / peer, 1),
         "ratio": None if peer is None else round(peer / ours, 3),
         "ours_step_s": round(ours, 4), "torch_step_s": None if peer is None else round(peer, 4),
         "model_tflops_per_s": round(flops / ours / 1e12, 3),
+        "ours_gflops_per_s": round(flops / ours / 1e9, 1),
+        "torch_gflops_per_s": None if peer is None else round(flops / peer / 1e9, 1),
+        "matmul_gflops_per_s": limit,
         "mfu": round(flops / ours / 1e12 / args.peak_tflops, 4) if args.peak_tflops else None,
         **({"breakdown": parts} if parts else {}),
         "peak_gpu_bytes": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use"),
