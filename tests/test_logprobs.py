@@ -46,8 +46,8 @@ def test_fused_head_values_and_gradients_equal_autodiff(tied, chunk, temperature
         lp, ent = _reference(nnx.merge(graphdef, p), tokens, temperature)
         return (weights * lp).sum() + 0.3 * ent.sum(), (lp, ent)
 
-    (v1, (lp, ent)), g1 = jax.value_and_grad(fused_loss, has_aux=True)(params)
-    (v2, (lp_ref, ent_ref)), g2 = jax.value_and_grad(ref_loss, has_aux=True)(params)
+    (v1, (lp, ent)), g1 = jax.jit(jax.value_and_grad(fused_loss, has_aux=True))(params)
+    (v2, (lp_ref, ent_ref)), g2 = jax.jit(jax.value_and_grad(ref_loss, has_aux=True))(params)
     assert lp.shape == ent.shape == (3, 23) and float(jnp.abs(lp[:, 0]).max()) == 0.0
     np.testing.assert_allclose(np.asarray(lp[:, 1:]), np.asarray(lp_ref), atol=1e-5)
     np.testing.assert_allclose(np.asarray(ent[:, 1:]), np.asarray(ent_ref), atol=1e-5)

@@ -196,13 +196,16 @@ def _blocked_bwd(rows: int, res: Any, d_out: jax.Array) -> tuple[jax.Array, jax.
 
 
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
+# jitted, so an eager call (a test, an un-jitted forward) compiles the unrolled blocks once per
+# shape instead of dispatching each small op; inside a jit it is inlined
+_blocked_jit = jax.jit(_blocked, static_argnums=3)
 
 
 def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, rows: int | None = None) -> jax.Array:
     """Causal attention over query blocks of `rows` rows (default `block_rows(T)`) with its own
     flash-style backward. q [B, T, H, hd], k/v [B, T, K, hd] (keys at the queries' positions)
     -> [B, T, H * hd]."""
-    return _blocked(q, k, v, rows or block_rows(q.shape[1]))
+    return _blocked_jit(q, k, v, rows or block_rows(q.shape[1]))
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str) -> jax.Array:

@@ -1,7 +1,8 @@
 """Qwen2 / Qwen3 / Llama family decoder in Flax NNX with scanned layers and a KV-cache aware forward.
 
 Layer weights are stacked along a leading `layers` axis and the forward runs one `lax.scan` over
-them (compile time independent of depth), with a configurable remat policy. Weights are stored
+them (compile time independent of depth; `scan_layers=False` unrolls it: faster steps for
+shallow models on XLA:CPU), with a configurable remat policy. Weights are stored
 as [in, out] matrices. The same forward serves training (no cache), prefill and one-token decode
 (cache with per-row write offsets), so sampler and trainer log-probs come from one function.
 """

@@ -55,6 +55,7 @@ def _head_bwd(temperature: float, res: tuple, grads: tuple[jax.Array, jax.Array]
 
 
 _head.defvjp(_head_fwd, _head_bwd)
+_head_jit = jax.jit(_head, static_argnums=3)  # one compiled program for eager callers too
 
 
 def token_logprobs(
@@ -86,10 +87,10 @@ def token_logprobs(
     w = model.output_weight()
     temperature = float(temperature)
     if steps == 1:
-        lp, ent = _head(hs[0], w, ts[0], temperature)
+        lp, ent = _head_jit(hs[0], w, ts[0], temperature)
         lp, ent = lp[None], ent[None]
     else:
-        lp, ent = jax.lax.map(lambda x: _head(x[0], w, x[1], temperature), (hs, ts))
+        lp, ent = jax.lax.map(lambda x: _head_jit(x[0], w, x[1], temperature), (hs, ts))
     lp = lp.swapaxes(0, 1).reshape(B, -1)[:, :n]
     ent = ent.swapaxes(0, 1).reshape(B, -1)[:, :n]
     zero = jnp.zeros((B, 1), jnp.float32)
