@@ -93,6 +93,7 @@ case "$phase" in
     FRAC=0.5 run sampler_b16 $S --batch 16
     run train_b8_s2048_dots_xla_breakdown $T --batch 8 --seq 2048 --remat dots_no_batch --attn xla --no-peer --breakdown
     run train_b8_s2048_dots_cudnn $T --batch 8 --seq 2048 --remat dots_no_batch --attn cudnn --no-peer
+    run train_b8_s2048_none_blocked $T --batch 8 --seq 2048 --remat none --attn blocked --no-peer
     run train_b8_s2048_full_xla $T --batch 8 --seq 2048 --remat full --attn xla --no-peer
     ;;
   2)
