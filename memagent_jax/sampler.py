@@ -125,9 +125,10 @@ def _sample_step(logits: jax.Array, keys: jax.Array, step: jax.Array, params: di
 def _prefill(model: Decoder, ids: jax.Array, lens: jax.Array, cache: KVCache, chunk: int
              ) -> tuple[jax.Array, KVCache]:
     """Writes the prompts into the cache in chunks of `chunk` tokens (bounded attention memory);
-    returns fp32 logits at each row's last prompt token [U, V] and the cache. With a flash
-    kernel (model.attention other than xla) the prompt goes in one piece: the kernel's memory is
-    O(P), and its causal attention over the new tokens is the prefill's."""
+    returns fp32 logits at each row's last prompt token [U, V] and the cache. With a kernel
+    (model.attention resolving to cudnn, splash or blocked) the prompt goes in one piece: the
+    kernel's causal attention over the new tokens is the prefill's, in O(P) memory (cudnn,
+    splash) or one query block of <= 512 rows at a time (blocked)."""
     U, P = ids.shape
     from_start = resolve_attention(model.config.attention, dtype=model.config.dtype) != "xla"
     if from_start:

@@ -22,8 +22,8 @@
 
 The kernels serve every causal attention over the tokens of one call: training, log-prob
 recomputation, full-context scoring and the prefill of fresh prompts (sampler `_prefill`: with a
-kernel the whole prompt goes in one piece, since its memory is O(T); with `xla` in
-`prefill_chunk` pieces over the cache). Right padding needs no length mask there: under a causal
+kernel the whole prompt goes in one piece, its memory being O(T) or one query block; with `xla`
+in `prefill_chunk` pieces over the cache). Right padding needs no length mask there: under a causal
 mask a real token never attends to padding after it, and each row's logits are read at its own
 last token. Decode (one query row per step against per-row cache offsets) uses `xla`.
 
