@@ -77,7 +77,7 @@ from typing import Any
 
 from memagent_jax.config import Config, load_config
 from memagent_jax.errors import InputError
-from memagent_jax.models.attention import block_rows
+from memagent_jax.models.attention import block_rows, query_blocks
 from memagent_jax.models.model_config import ModelConfig
 from memagent_jax.models.sharding import DECODE_RULES, MESH_AXES, TRAIN_RULES, MeshConfig
 from memagent_jax.models.transformer import param_logical_axes, param_shapes
@@ -257,8 +257,8 @@ def activation_bytes(model: ModelConfig, rows: int, width: int, tensor: int, log
     lse = rows * (H // t) * width * 4 if flash else 0  # the kernels' fp32 log-sum-exp per query
     # blocked: the causal blocks' fp32 probabilities are kept for the backward (custom VJP
     # residuals: saved without remat, recomputed under a remat policy), plus one block's dP, dS
-    blocks = [(a, min(a + block_rows(width), width)) for a in range(0, width, block_rows(width))]
-    kept = rows * (H // t) * sum((b - a) * b for a, b in blocks) * 4 if model.attention == "blocked" else 0
+    kept = (rows * (H // t) * sum((b - a) * b for a, b in query_blocks(width)) * 4
+            if model.attention == "blocked" else 0)
     block_tmp = rows * (H // t) * block_rows(width) * width * 4 * 2 if model.attention == "blocked" else 0
     a_tok = D * (4 * cb + 8) + hd * (2 * H + 2 * K) * cb // t + 4 * F * cb // t
     if model.qk_norm:  # normed q and k, and the fp32 copies their RMSNorms make

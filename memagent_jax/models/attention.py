@@ -140,7 +140,10 @@ def _block_scores(q_rows: jax.Array, k: jax.Array, start: int, scale: float) -> 
     return jnp.where(causal, s, _MASK_VALUE)
 
 
-def _blocks(length: int, rows: int) -> list[tuple[int, int]]:
+def query_blocks(length: int, rows: int | None = None) -> list[tuple[int, int]]:
+    """The (start, end) query rows of each block of `blocked_attention` (default
+    `block_rows(length)` rows per block); block i attends to keys 0 ... end - 1."""
+    rows = rows or block_rows(length)
     return [(a, min(a + rows, length)) for a in range(0, length, rows)]
 
 
@@ -155,7 +158,7 @@ def _blocked_fwd(q: jax.Array, k: jax.Array, v: jax.Array, rows: int) -> tuple[j
     scale = 1.0 / math.sqrt(hd)
     q5 = _fold(q, K)
     outs, probs = [], []
-    for a, b in _blocks(T, rows):
+    for a, b in query_blocks(T, rows):
         s = _block_scores(q5[:, :, :, a:b], k[:, :b], a, scale)
         top = jnp.max(s, axis=-1, keepdims=True)
         e = jnp.exp(s - top)
@@ -178,7 +181,7 @@ def _blocked_bwd(rows: int, res: Any, d_out: jax.Array) -> tuple[jax.Array, jax.
     dq_blocks = []
     dk = jnp.zeros(k.shape, jnp.float32)
     dv = jnp.zeros(v.shape, jnp.float32)
-    for (a, b), p in zip(_blocks(T, rows), probs):
+    for (a, b), p in zip(query_blocks(T, rows), probs):
         R = b - a
         q_rows = q5[:, :, :, a:b]
         do = do5[:, :, :, a:b].reshape(B, K, G * R, hd)
@@ -203,8 +206,8 @@ _blocked_jit = jax.jit(_blocked, static_argnums=3)
 
 def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, rows: int | None = None) -> jax.Array:
     """Causal attention over query blocks of `rows` rows (default `block_rows(T)`) with its own
-    flash-style backward. q [B, T, H, hd], k/v [B, T, K, hd] (keys at the queries' positions)
-    -> [B, T, H * hd]."""
+    backward from the blocks' kept probabilities. q [B, T, H, hd], k/v [B, T, K, hd] (keys at the
+    queries' positions) -> [B, T, H * hd]."""
     return _blocked_jit(q, k, v, rows or block_rows(q.shape[1]))
 
 
