@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 from memagent_jax.models.attention import ATTENTION_IMPLS
 
@@ -66,7 +67,9 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 32768
     bos_token_id: int | None = None
-    eos_token_id: int | list[int] | None = None
+    # An int, or a tuple of ints (Llama-3.x and Qwen2.5 list several); never a list: the config is
+    # hashed as part of the model's graphdef, a static argument of every jitted program.
+    eos_token_id: int | tuple[int, ...] | None = None
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"
@@ -76,6 +79,7 @@ class ModelConfig:
     attention: str = "auto"  # models/attention.py: xla | cudnn | splash | blocked | auto (a runtime choice, not saved)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "eos_token_id", _eos_ids(self.eos_token_id))
         if self.architecture not in SUPPORTED_ARCHITECTURES.values():
             raise ValueError(f"architecture={self.architecture!r}; expected one of "
                              f"{sorted(SUPPORTED_ARCHITECTURES.values())}")
@@ -219,8 +223,25 @@ class ModelConfig:
         if self.bos_token_id is not None:
             hf["bos_token_id"] = self.bos_token_id
         if self.eos_token_id is not None:
-            hf["eos_token_id"] = self.eos_token_id
+            eos = self.eos_token_id
+            hf["eos_token_id"] = list(eos) if isinstance(eos, tuple) else eos
         return hf
+
+
+def _eos_ids(value: Any) -> int | tuple[int, ...] | None:
+    """config.json's eos_token_id (None, an int, or a list of ints) as a hashable value."""
+    def is_id(v: Any) -> bool:
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    if value is None:
+        return None
+    if is_id(value):
+        return int(value)
+    if isinstance(value, (list, tuple)) and all(is_id(v) for v in value):
+        return tuple(int(v) for v in value)
+    raise ValueError(f"eos_token_id={value!r} in the model config: expected an integer token id "
+                     "or a list of them (as HF config.json writes it); fix eos_token_id in "
+                     "config.json")
 
 
 def _sliding_layers(hf: dict[str, Any]) -> list[int]:
