@@ -58,6 +58,24 @@ def test_fit_window_counts_the_spliced_template():
     assert full_context_tokens(b, 4096, question_tokens=10, answer_tokens=100) == 4096 - final - 110
 
 
+
+def test_engine_length_counts_the_memory_slot_as_the_fit_does():
+    """A memory budget smaller than the first memory ("No previous memory"): the engine's KV
+    length holds the turns `fit_window` allowed (it counted the budget alone and a prompt of the
+    fitted size overflowed the engine)."""
+    from memagent_jax.agent.window import engine_max_len
+
+    b = PromptBuilder(CharTokenizer())
+    assert len(b.first_memory_ids) > 4
+    template = sum(map(len, b.memory_template.pieces))
+    chunk = 1024 - (template + 10 + 4 + 4)  # the budgets alone fill a 1024-position bucket exactly
+    fit = fit_window(b, 4096, question_budget=10, memory_tokens=4, answer_tokens=4, chunk_size=chunk)
+    length = engine_max_len(b, 4096, question_budget=10, memory_tokens=4, chunk_size=chunk,
+                            answer_tokens=4)
+    assert length >= max(fit.memory_turn, fit.final_turn)
+    first_turn = b.memory_prompt([7] * 10, list(b.first_memory_ids), [7] * chunk)
+    assert len(first_turn) + 4 <= length
+
 def _answer(model_dir: Path, doc: Path, *extra: str) -> list[str]:
     return ["answer", "--model", str(model_dir), "--doc", str(doc), "--question", "What is it about?",
             "--max-memory-tokens", "4", "--max-answer-tokens", "4", *extra]

@@ -35,6 +35,12 @@ def _template_tokens(t: SplicedTemplate) -> int:
     return sum(len(p) for p in t.pieces)
 
 
+def memory_slot_tokens(builder: PromptBuilder, memory_tokens: int) -> int:
+    """Tokens the memory slot can hold: the memory budget, or the first memory ("No previous
+    memory") when that is longer (a small budget on a small model)."""
+    return max(memory_tokens, len(builder.first_memory_ids))
+
+
 @dataclasses.dataclass(frozen=True)
 class WindowFit:
     """Token budgets of one memory turn and the final turn in a `window`-token model."""
@@ -78,7 +84,7 @@ def fit_window(builder: PromptBuilder, window: int, *, question_budget: int, mem
     is too large.
     """
     mem_new = memory_tokens if memory_new_tokens is None else memory_new_tokens
-    memory = max(memory_tokens, len(builder.first_memory_ids))
+    memory = memory_slot_tokens(builder, memory_tokens)
     mt, ft = builder.memory_template, builder.final_template
     n = {slot: mt.slots.count(slot) for slot in ("prompt", "memory", "chunk")}
     nf = {slot: ft.slots.count(slot) for slot in ("prompt", "memory")}
@@ -128,11 +134,13 @@ def engine_max_len(builder: PromptBuilder, window: int, *, question_budget: int,
                    chunk_size: int, answer_tokens: int) -> int:
     """KV-cache positions one continuous-batching slot needs for the memory agent: the longer of
     a memory turn (template + question, memory and chunk budgets + reply) and the final turn
-    (template + question and memory + answer), rounded up to a sampler bucket, capped at `window`."""
+    (template + question and memory + answer), rounded up to a sampler bucket, capped at `window`.
+    The memory slot is counted as `fit_window` counts it (`memory_slot_tokens`)."""
     from memagent_jax.sampler import bucket  # lazy: the window arithmetic needs no model stack
 
     def turn(t: SplicedTemplate, reply: int) -> int:
-        sizes = {"prompt": question_budget, "memory": memory_tokens, "chunk": chunk_size}
+        sizes = {"prompt": question_budget, "memory": memory_slot_tokens(builder, memory_tokens),
+                 "chunk": chunk_size}
         return _template_tokens(t) + sum(sizes[slot] for slot in t.slots) + reply
 
     need = max(turn(builder.memory_template, memory_tokens), turn(builder.final_template, answer_tokens))
