@@ -9,7 +9,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from memagent_jax.config import Config, load_config, validate_config
+from memagent_jax.config import AgentSection, Config, load_config, validate_config
 from memagent_jax.data.loader import loader_state, make_loader, restore_loader
 from memagent_jax.data.sources import training_source
 from memagent_jax.policy import build_mesh, init_distributed, load_policy
@@ -41,7 +41,7 @@ def run_training(cfg: Config, *, reward_fn: RewardFn | None = None) -> str:
         save_run_base(trainer.model(), trainer.tokenizer, cfg.trainer.out_dir)
         status = trainer.run()
         if status == "done":
-            export_model(trainer.model(), trainer.tokenizer, Path(cfg.trainer.out_dir) / "hf")
+            export_model(trainer.model(), trainer.tokenizer, Path(cfg.trainer.out_dir) / "hf", agent=cfg.agent)
     finally:
         trainer.close()
     return status
@@ -66,15 +66,26 @@ def save_run_base(model: Any, tokenizer: Any, run_dir: str | Path) -> Path:
     return out
 
 
-def export_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
-    """An HF directory (config.json + safetensors + tokenizer files) servable by transformers/vLLM."""
+def export_model(model: Any, tokenizer: Any, out_dir: str | Path, *, agent: AgentSection | None = None,
+                 max_shard_bytes: int | None = None) -> Path:
+    """An HF directory (config.json + safetensors + tokenizer files) servable by transformers/vLLM.
+
+    `agent`: the agent settings the policy was trained with, written beside the weights as
+    `memagent_agent.json` (`agent/settings_file.py`) so that `answer` and `eval` use them; None for
+    a model that is not a trained agent (the demo's base). `max_shard_bytes`: shard the
+    safetensors above this size (default: `save_pretrained`'s).
+    """
+    from memagent_jax.agent.settings_file import write_agent_settings
     from memagent_jax.models import save_pretrained
     from memagent_jax.tokenizer import save_tokenizer
 
     out = Path(out_dir)
-    save_pretrained(model, out)  # collective in a multi-process job; process 0 writes
+    shard = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
+    save_pretrained(model, out, **shard)  # collective in a multi-process job; process 0 writes
     if jax.process_index() == 0:
         save_tokenizer(tokenizer, out)
+    if agent is not None:
+        write_agent_settings(out, agent)
     return out
 
 
@@ -98,7 +109,7 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, step: int | None
         state, _ = ckpt.restore(state, step)
     finally:
         ckpt.close()
-    return export_model(nnx.merge(graphdef, state.params), tokenizer, out_dir)
+    return export_model(nnx.merge(graphdef, state.params), tokenizer, out_dir, agent=cfg.agent)
 
 
 def _policy_shape(cfg: Config, run: Path, cfg_path: Path) -> tuple[Any, Any]:

@@ -103,6 +103,11 @@ def test_train_then_export_round_trip(tiny_model_dir, tmp_path):
     assert len(metrics) == 1 and "actor/kl" in metrics[0]
     assert (run / "hf" / "config.json").is_file() and (run / "hf" / "tokenizer.model").is_file()
     _run_cli(["export", str(run), "--out", str(tmp_path / "exported")], tmp_path)
+    from memagent_jax.agent.settings_file import read_agent_settings
+
+    for folder in (run / "hf", tmp_path / "exported"):  # train's export and `export` carry the agent settings
+        saved = read_agent_settings(folder)
+        assert (saved.chunk_size, saved.max_memory_tokens, saved.max_final_new_tokens) == (32, 4, 4), folder
     a, b = from_pretrained(run / "hf"), from_pretrained(tmp_path / "exported")
     ids = np.arange(10, dtype=np.int32)[None]
     np.testing.assert_array_equal(np.asarray(a(ids)), np.asarray(b(ids)))

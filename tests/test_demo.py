@@ -3,6 +3,7 @@ needle task's documents, the base model's lookup sequences and the warm start's 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -177,6 +178,12 @@ def test_demo_end_to_end_then_resume(tmp_path):
     for label in ("RL (DAPO)", "warm start (SFT)", "full context (base, window)", "no document"):
         assert f"| {label} |" in report
 
+    from memagent_jax.agent.settings_file import read_agent_settings
+
+    cfg, _ = load_demo_config(MICRO)  # the RL policy and the warm start carry their agent settings
+    assert read_agent_settings(out / "hf") == dataclasses.replace(cfg.agent, max_chunks=2)
+    assert read_agent_settings(out / "sft" / "hf").chunk_size == 32
+    assert read_agent_settings(out / "pretrain" / "hf") is None  # the base is no agent
     model = models.from_pretrained(out / "hf")  # the exported RL policy serves from its folder
     tok = load_tokenizer(out / "hf")
     logits = np.asarray(model(np.array([tok.encode("What is the secret code of people?")], np.int32)))

@@ -286,7 +286,9 @@ def stage_sft(run: Run) -> dict[str, Any]:
     settings = SFTSettings(steps=d.sft_steps, batch_size=d.sft_batch_size, lr=d.sft_lr,
                            warmup_steps=d.sft_warmup_steps, seed=d.seed)
     model, history = _train(run, "sft", model, examples, settings, tok.pad_id)
-    export_model(model, tok, run.path("sft", "hf"))
+    # the warm start is an agent of the same prompts and budgets (trained on up to sft_max_chunks)
+    export_model(model, tok, run.path("sft", "hf"),
+                 agent=dataclasses.replace(run.cfg.agent, max_chunks=d.sft_max_chunks))
     return {"examples": len(examples), "final_loss": history[-1]["loss"]}
 
 
@@ -307,7 +309,7 @@ def stage_rl(run: Run) -> dict[str, Any]:
             status, stopped = "done", str(e)
         if status != "done":
             raise KeyboardInterrupt(f"RL interrupted at step {trainer.rl_step}; rerun the demo to resume")
-        export_model(trainer.model(), trainer.tokenizer, run.path("hf"))
+        export_model(trainer.model(), trainer.tokenizer, run.path("hf"), agent=cfg.agent)
     finally:
         trainer.close()
     return {"rl_steps": trainer.rl_step, "stopped_early": stopped}
