@@ -42,14 +42,21 @@ def read_document(path: str) -> str:
 #: The `answer` flags that set each budget (named in window-fit errors).
 ANSWER_FLAGS = {"chunk_size": "--chunk-size", "question_budget": "--question-budget",
                 "memory_tokens": "--max-memory-tokens", "answer_tokens": "--max-answer-tokens"}
+#: The `answer` flag of each agent setting (named in the settings line on stderr).
+ANSWER_SETTING_FLAGS = {"policy": "--policy", "chunk_size": "--chunk-size", "max_memory_tokens": "--max-memory-tokens",
+                        "max_final_new_tokens": "--max-answer-tokens", "question_budget": "--question-budget",
+                        "final_style": "--final-style", "enable_thinking": "--enable-thinking"}
 
 
 def _cmd_answer(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from rich.console import Console
     from tqdm.auto import tqdm
 
+    from memagent_jax.agent.cli_settings import folder_settings, warn_far_from_training
     from memagent_jax.agent.memory import make_policy
-    from memagent_jax.agent.prompts import PromptBuilder, PromptTemplates
+    from memagent_jax.agent.prompts import builder_from_config
     from memagent_jax.agent.rollout import engine_generate_fn, rollout, sampler_generate_fn
     from memagent_jax.agent.window import default_budget, engine_max_len, fit_window, full_context_tokens
     from memagent_jax.checks import check_text_file, load_checked
@@ -62,22 +69,33 @@ def _cmd_answer(args: argparse.Namespace) -> int:
     check_text_file(args.doc, "--doc")
     doc = read_document(args.doc)
     if not doc.strip():
-        warnings.warn(f"{args.doc} is empty: the agent answers from 'No previous memory'", stacklevel=1)
+        warnings.warn(f"{args.doc} is empty: the agent answers from the first memory", stacklevel=1)
     model, tokenizer = load_checked(args.model)
     window, source = model.config.max_position_embeddings, str(Path(args.model) / "config.json")
-    builder = PromptBuilder(tokenizer, PromptTemplates.for_style(args.final_style),
-                            enable_thinking=args.enable_thinking)
-    # Budgets left out fit the window: the question's own length, MemAgent's 1024 (or an eighth of
-    # a smaller window) for the memory and the answer, and the largest chunk that fits with them.
+    # The agent settings the model was trained with (memagent_agent.json in its folder) are the
+    # defaults; flags override them; what neither sets fits the window (below).
+    settings = folder_settings(args.model, dict(
+        policy=args.policy, chunk_size=args.chunk_size, max_memory_tokens=args.max_memory_tokens,
+        max_final_new_tokens=args.max_answer_tokens, question_budget=args.question_budget,
+        final_style=args.final_style, enable_thinking=args.enable_thinking))
+    line = settings.summary(ANSWER_SETTING_FLAGS)
+    if line:
+        print(line, file=sys.stderr)
+    agent = settings.agent
+    builder = builder_from_config(tokenizer, agent)
+    # Budgets neither given nor saved fit the window: the question's own length, MemAgent's 1024
+    # (or an eighth of a smaller window) for the memory and the answer, and the largest chunk that
+    # fits with them. A saved question budget is the trained one, not a limit on the question.
     q_len = len(tokenizer.encode(args.question))
-    budget = args.question_budget if args.question_budget is not None else q_len
+    budget = args.question_budget if args.question_budget is not None else max(q_len, settings.question_budget or 0)
     if q_len > budget:
         raise InputError(f"the question is {q_len} tokens, over --question-budget {budget}", None,
                          "raise --question-budget (or leave it out: the question's own length)")
-    memory_tokens = args.max_memory_tokens or default_budget(window)
-    answer_tokens = args.max_answer_tokens or default_budget(window)
+    memory_tokens = settings.max_memory_tokens or default_budget(window)
+    answer_tokens = settings.max_final_new_tokens or default_budget(window)
     kwargs: dict[str, Any] = {}
-    if args.policy == "full_context":
+    chunk_size = settings.chunk_size or agent.chunk_size
+    if agent.policy == "full_context":
         room = full_context_tokens(builder, window, question_tokens=budget, answer_tokens=answer_tokens,
                                    names=ANSWER_FLAGS, source=source)
         print(f"full_context: up to {room} document tokens (the {window}-token window less the "
@@ -86,17 +104,22 @@ def _cmd_answer(args: argparse.Namespace) -> int:
         kwargs = dict(max_context_tokens=room)
     else:
         fit = fit_window(builder, window, question_budget=budget, memory_tokens=memory_tokens,
-                         answer_tokens=answer_tokens, chunk_size=args.chunk_size, names=ANSWER_FLAGS,
+                         answer_tokens=answer_tokens, chunk_size=settings.chunk_size, names=ANSWER_FLAGS,
                          source=source)
-        print(fit.summary(), file=sys.stderr)
-        if args.policy == "overwrite":
-            kwargs = dict(chunk_size=fit.chunk_size, max_chunks=None, max_memory_tokens=memory_tokens)
-    policy = make_policy(args.policy, **kwargs)
+        trained = args.chunk_size is None and settings.chunk_size is not None
+        print(fit.summary("as trained" if trained else None), file=sys.stderr)
+        chunk_size = fit.chunk_size
+        if agent.policy == "overwrite":
+            kwargs = dict(chunk_size=chunk_size, max_chunks=None, max_memory_tokens=memory_tokens)
+    policy = make_policy(agent.policy, **{**kwargs, **agent.policy_kwargs})
+    warn_far_from_training(settings, dataclasses.replace(
+        agent, chunk_size=chunk_size, max_memory_tokens=memory_tokens, max_final_new_tokens=answer_tokens,
+        question_budget=budget), question_tokens=q_len)
     if args.engine == "static":
         generate_fn = sampler_generate_fn(model, tokenizer, temperature=args.temperature,
                                           top_p=args.top_p, max_prompt_len=window)
     else:  # one slot: the turns of one document follow each other
-        max_len = window if args.policy != "overwrite" else engine_max_len(
+        max_len = window if agent.policy != "overwrite" else engine_max_len(
             builder, window, question_budget=budget, memory_tokens=memory_tokens,
             chunk_size=kwargs["chunk_size"], answer_tokens=answer_tokens)
         generate_fn = engine_generate_fn(model, tokenizer, slots=1, max_len=max_len,
@@ -207,20 +230,25 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--model", required=True, help="HF model directory (config.json, safetensors, tokenizer)")
     a.add_argument("--doc", required=True, help="text file")
     a.add_argument("--question", required=True)
-    a.add_argument("--policy", default="overwrite", help="memory policy name or module:Class")
+    a.add_argument("--policy", default=None,
+                   help="memory policy name or module:Class (default: the model folder's, else overwrite)")
     a.add_argument("--show-memory", action="store_true", help="print the memory after each chunk")
     a.add_argument("--chunk-size", type=positive_int, default=None,
-                   help="tokens per chunk (default: the largest that fits the model's window)")
+                   help="tokens per chunk (default: the model folder's trained chunk, else the largest "
+                        "that fits the model's window)")
     a.add_argument("--max-memory-tokens", type=positive_int, default=None,
-                   help="memory size = memory-turn reply budget (default 1024, or window/8 if smaller)")
+                   help="memory size = memory-turn reply budget (default: the folder's, else 1024, or "
+                        "window/8 if smaller)")
     a.add_argument("--max-answer-tokens", type=positive_int, default=None,
-                   help="answer budget (default 1024, or window/8 if smaller)")
+                   help="answer budget (default: the folder's, else 1024, or window/8 if smaller)")
     a.add_argument("--question-budget", type=positive_int, default=None,
-                   help="tokens kept for the question (default: the question's length)")
-    a.add_argument("--final-style", default="boxed", choices=["boxed", "answer_is"])
-    a.add_argument("--enable-thinking", action="store_true",
-                   help="let a Qwen3 model think (default: non-thinking prompts); thinking is "
-                        "never kept in the memory")
+                   help="tokens kept for the question (default: the folder's or the question's length, "
+                        "the larger)")
+    a.add_argument("--final-style", default=None, choices=["boxed", "answer_is"],
+                   help="final prompt (default: the folder's, else boxed)")
+    a.add_argument("--enable-thinking", action=argparse.BooleanOptionalAction, default=None,
+                   help="let a Qwen3 model think (default: the folder's, else non-thinking prompts); "
+                        "thinking is never kept in the memory")
     a.add_argument("--temperature", type=float, default=0.0)
     a.add_argument("--top-p", type=float, default=1.0)
     a.add_argument("--seed", type=int, default=0)

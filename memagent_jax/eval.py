@@ -473,18 +473,24 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     a("--top-p", type=float, default=0.95)
     a("--top-k", type=int, default=0)
     a("--seed", type=int, default=0)
-    a("--policy", default="overwrite", help="memory policy name or module.path:ClassName")
+    # Agent settings: a flag left out takes the model folder's (memagent_agent.json), else the default.
+    a("--policy", default=None,
+      help="memory policy name or module.path:ClassName (default: the model folder's, else overwrite)")
     a("--chunk-size", type=positive_int, default=None,
-      help="tokens per chunk (overwrite policy; default: the largest that fits the model's window)")
+      help="tokens per chunk (overwrite policy; default: the folder's trained chunk, else the largest "
+           "that fits the model's window)")
     a("--max-memory-tokens", type=positive_int, default=None,
-      help="memory size = memory-turn generation budget (default 1024, or window/8 if smaller)")
+      help="memory size = memory-turn generation budget (default: the folder's, else 1024, or window/8 "
+           "if smaller)")
     a("--max-final-new-tokens", type=positive_int, default=None,
-      help="answer generation budget (default 1024, or window/8 if smaller)")
-    a("--final-style", default="boxed", choices=["boxed", "answer_is"])
+      help="answer generation budget (default: the folder's, else 1024, or window/8 if smaller)")
+    a("--final-style", default=None, choices=["boxed", "answer_is"],
+      help="final prompt (default: the folder's, else boxed)")
     a("--question-budget", type=positive_int, default=None,
-      help="tokens kept for the question (default 1024, or window/8 if smaller)")
-    a("--enable-thinking", action="store_true",
-      help="let a Qwen3 model think (default: non-thinking prompts); thinking is never kept in the memory")
+      help="tokens kept for the question (default: the folder's, else 1024, or window/8 if smaller)")
+    a("--enable-thinking", action=argparse.BooleanOptionalAction, default=None,
+      help="let a Qwen3 model think (default: the folder's, else non-thinking prompts); thinking is never "
+           "kept in the memory")
     a("--hotpotqa", default=None, help="HotpotQA distractor-format JSON (required for task hotpotqa)")
     a("--squad", default=None, help="SQuAD v1.1 JSON (required for task qa_1)")
     a("--baselines", default="full_context", help="comma-separated baseline policies ('none' for none)")
@@ -503,28 +509,47 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 #: The `eval` flags that set each budget (named in window-fit errors).
 EVAL_FLAGS = {"chunk_size": "--chunk-size", "question_budget": "--question-budget",
               "memory_tokens": "--max-memory-tokens", "answer_tokens": "--max-final-new-tokens"}
+#: The `eval` flag of each agent setting (named in the settings line on stderr).
+EVAL_SETTING_FLAGS = {"policy": "--policy", "chunk_size": "--chunk-size", "max_memory_tokens": "--max-memory-tokens",
+                      "max_final_new_tokens": "--max-final-new-tokens", "question_budget": "--question-budget",
+                      "final_style": "--final-style", "enable_thinking": "--enable-thinking"}
 
 
 def fit_agent_to_window(args: argparse.Namespace, tokenizer: Any, window: int, *,
                         source: str | None = None) -> AgentSection:
-    """The AgentSection of the `eval` flags, with budgets left out fitted to the model's window.
+    """The AgentSection of the `eval` flags over the model folder's saved agent settings
+    (`memagent_agent.json`, one stderr line names what came from it), with budgets set by neither
+    fitted to the model's window; a saved question budget is a lower bound (a longer question
+    of a task is read whole).
 
     Question, memory and answer budgets default to 1024 (or window/8 if smaller); the chunk to the
-    largest that fits with them (printed on stderr). A given --chunk-size that does not fit is an
-    InputError naming the flags.
+    largest that fits with them (printed on stderr). A --chunk-size that does not fit is an
+    InputError naming the flags; settings far from the saved ones give one warning.
     """
+    from memagent_jax.agent.cli_settings import folder_settings, warn_far_from_training
+
+    settings = folder_settings(args.model, dict(
+        policy=args.policy, chunk_size=args.chunk_size, max_memory_tokens=args.max_memory_tokens,
+        max_final_new_tokens=args.max_final_new_tokens, question_budget=args.question_budget,
+        final_style=args.final_style, enable_thinking=args.enable_thinking))
+    line = settings.summary(EVAL_SETTING_FLAGS)
+    if line:
+        print(line, file=sys.stderr)
     budget = default_budget(window)
-    agent = AgentSection(policy=args.policy, max_memory_tokens=args.max_memory_tokens or budget,
-                         max_final_new_tokens=args.max_final_new_tokens or budget,
-                         final_style=args.final_style, question_budget=args.question_budget or budget,
-                         enable_thinking=args.enable_thinking)
+    agent = dataclasses.replace(settings.agent, max_memory_tokens=settings.max_memory_tokens or budget,
+                                max_final_new_tokens=settings.max_final_new_tokens or budget,
+                                question_budget=args.question_budget or max(settings.question_budget or 0, budget))
     if agent.policy == "full_context":
-        return dataclasses.replace(agent, chunk_size=args.chunk_size or agent.chunk_size)
-    fit = fit_window(builder_from_config(tokenizer, agent), window, question_budget=agent.question_budget,
-                     memory_tokens=agent.max_memory_tokens, answer_tokens=agent.max_final_new_tokens,
-                     chunk_size=args.chunk_size, names=EVAL_FLAGS, source=source)
-    print(fit.summary(), file=sys.stderr)
-    return dataclasses.replace(agent, chunk_size=fit.chunk_size)
+        agent = dataclasses.replace(agent, chunk_size=settings.chunk_size or agent.chunk_size)
+    else:
+        fit = fit_window(builder_from_config(tokenizer, agent), window, question_budget=agent.question_budget,
+                         memory_tokens=agent.max_memory_tokens, answer_tokens=agent.max_final_new_tokens,
+                         chunk_size=settings.chunk_size, names=EVAL_FLAGS, source=source)
+        trained = args.chunk_size is None and settings.chunk_size is not None
+        print(fit.summary("as trained" if trained else None), file=sys.stderr)
+        agent = dataclasses.replace(agent, chunk_size=fit.chunk_size)
+    warn_far_from_training(settings, agent)
+    return agent
 
 
 def run_eval_cli(args: argparse.Namespace) -> dict[str, Any]:

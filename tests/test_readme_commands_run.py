@@ -48,11 +48,48 @@ def fill(line: str, values: dict[str, list[str | tuple[str, ...]]]) -> list[str]
     return argv
 
 
+#: The model folder of the README's line that asks the demo's agent about the user's document.
+DEMO_HF = "runs/demo/hf"
+
+
 def readme_line(command: str) -> str:
-    """The README's line of `command` (exactly one)."""
-    found = [ln for ln in COMMAND_LINES if shlex.split(ln)[1] == command]
+    """The README's line of `command` (exactly one; for `answer`, the generic one)."""
+    found = [ln for ln in COMMAND_LINES if shlex.split(ln)[1] == command and DEMO_HF not in ln]
     assert len(found) == 1, (command, COMMAND_LINES)
     return found[0]
+
+
+def demo_answer_line() -> str:
+    """The README's line that asks the demo's agent (`runs/demo/hf`) about a document."""
+    found = [ln for ln in COMMAND_LINES if shlex.split(ln)[1] == "answer" and DEMO_HF in ln]
+    assert len(found) == 1, COMMAND_LINES
+    return found[0]
+
+
+def needle_document(demo_dir: Path, multiple: int, seed: int) -> dict[str, Any]:
+    """An unseen evaluation-style document of the demo run at `multiple` x its training length
+    (the target needle and 1-3 distractor needles in essay text), written next to the run."""
+    from memagent_jax.demo import load_demo_config
+    from memagent_jax.demo import task as T
+    from memagent_jax.tokenizer import load_tokenizer
+
+    cfg, demo = load_demo_config(demo_dir / "config.yaml")
+    tok = load_tokenizer(demo_dir / "hf")
+    spec = T.NeedleSpec(chunk_size=cfg.agent.chunk_size, num_chunks=demo.train_chunks * multiple,
+                        min_distractors=demo.min_distractors, max_distractors=demo.max_distractors,
+                        num_keys=demo.num_keys, name="readme")
+    sample = T.generate(spec, tok, 1, seed=seed)[0]
+    sample["path"] = demo_dir / f"readme_doc_{multiple}x_{seed}.txt"
+    sample["path"].write_text(sample["context"])
+    return sample
+
+
+def ask_demo_agent(demo_dir: Path, sample: dict[str, Any], capsys: Any) -> tuple[str, str]:
+    """The README's demo-answer line on `sample`'s document, asking for its key: (stdout, stderr)."""
+    line = demo_answer_line()
+    readme_key = re.search(r"secret code for (\w+)\?", line).group(1)
+    return run(fill(line, {DEMO_HF: [str(demo_dir / "hf")], "FILE": [str(sample["path"])],
+                           readme_key: [sample["key"]]}), capsys)
 
 
 def data_lines() -> dict[str, str]:
@@ -114,6 +151,16 @@ def test_every_readme_command_runs(tmp_path, capsys, base_dir):
                                            "NAME": ["overwrite"], "N": ["32"]}), capsys)
     assert "memory after chunk 1/" in err and "chunk 32 tokens (as given)" in err  # --show-memory, --chunk-size
 
+    # the demo's agent on a document of one's own, 64x its training length: the agent settings come
+    # from the exported folder (the micro demo's policy is too briefly trained to answer it right:
+    # test_readme_demo_answer_line_answers_at_64x checks the answer with the real demo)
+    sample = needle_document(demo, 64, seed=0)
+    out, err = ask_demo_agent(demo, sample, capsys)
+    assert (f"agent settings from {demo / 'hf' / 'memagent_agent.json'}: policy overwrite, chunk 32, memory 8, "
+            "answer 16, question budget at least 64") in err
+    assert "chunk 32 tokens (as trained)" in err and f"{2 * 64} chunks" in err
+    assert len(out.splitlines()) == 1  # the answer line (this micro policy's answer: often empty)
+
     # data: both builders, from local inputs (the README's file name = the user's download)
     data = data_lines()
     run(fill(data["ruler_hotpotqa"], {"DIR": [str(tmp_path / "tfds")],
@@ -136,3 +183,18 @@ def test_every_readme_command_runs(tmp_path, capsys, base_dir):
     assert err.startswith("memagent-jax plan: error:") and "Traceback" not in err
     with pytest.raises(Exception, match="no_such_key"):
         cli.main(fill(generic, {"COMMAND ...": [tuple(bad)]}))
+
+
+@pytest.mark.slow
+def test_readme_demo_answer_line_answers_at_64x(tmp_path, capsys):
+    """The README's line that asks the demo's agent about one's own document, on the default demo's
+    fresh export (`memagent-jax demo` through its RL stage, about 2 minutes): right on unseen
+    needle documents with distractors at 64x and 128x the training length."""
+    demo = tmp_path / "demo"
+    run(["demo", "--out", str(demo), "--until", "rl", "demo.progress=false"], capsys)
+    for multiple, seed in ((64, 0), (64, 1), (128, 2)):
+        sample = needle_document(demo, multiple, seed)
+        assert sample["distractor_keys"]
+        out, err = ask_demo_agent(demo, sample, capsys)
+        assert f"{3 * multiple} chunks" in err
+        assert out.strip() == sample["value"], (multiple, seed, sample["key"], out, err[-2000:])

@@ -64,9 +64,10 @@ class WindowFit:
     def final_turn(self) -> int:
         return self.final_template + self.question_budget + self.memory_tokens + self.answer_tokens
 
-    def summary(self) -> str:
-        """One line: the chunk and how a memory turn fills the window."""
-        how = "the largest that fits" if self.chosen else "as given"
+    def summary(self, how: str | None = None) -> str:
+        """One line: the chunk (`how` it was chosen; default "the largest that fits" or "as
+        given") and how a memory turn fills the window."""
+        how = how or ("the largest that fits" if self.chosen else "as given")
         return (f"chunk {self.chunk_size} tokens ({how}): a memory turn is {self.memory_turn} of the "
                 f"{self.window}-token window = template {self.memory_template} + question "
                 f"{self.question_budget} + memory {self.memory_tokens} + chunk {self.chunk_size} + "
