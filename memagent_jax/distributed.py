@@ -29,6 +29,13 @@ def allgather_ints(values: Sequence[int]) -> np.ndarray:
         jax.process_count(), -1)
 
 
+def process_offsets(counts: Sequence[int]) -> np.ndarray:
+    """Per entry of `counts`, its sum over the processes before this one (zeros on process 0 and
+    with one process): where this process's rows start when every process's rows are laid end to
+    end in process order. Collective: every process calls it with as many entries."""
+    return allgather_ints(counts)[: jax.process_index()].sum(axis=0)
+
+
 def global_max(*values: int) -> tuple[int, ...]:
     """Element-wise max over processes of a few host integers."""
     return tuple(int(v) for v in allgather_ints(values).max(axis=0))

@@ -35,12 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from memagent_jax.distributed import allgather_ints, from_process_local
+from memagent_jax.distributed import allgather_ints, from_process_local, process_offsets
 from memagent_jax.models.sharding import DECODE_RULES, batch_multiple, batch_sharding, cache_sharding
 from memagent_jax.models.transformer import Decoder, KVCache
 from memagent_jax.sampler import (
     MAX_STOP_IDS, _argmax, _pow2_bucket, _prefill, bucket, decode_state, filter_logits,
 )
+from memagent_jax.seeds import Seed, derive
 from memagent_jax.types import SampleOutput
 
 _NEG = -1e30
@@ -66,9 +67,10 @@ def compile_count() -> int:
     return STATS.compilations
 
 
-def row_key(seed: int, row: int) -> np.ndarray:
-    """The PRNG key `sampler.generate` gives row `row` of a call with `seed`."""
-    return np.asarray(jax.random.fold_in(jax.random.PRNGKey(seed), row))
+def row_key(seed: Seed, row: int) -> np.ndarray:
+    """The PRNG key `sampler.generate` gives row `row` of a call with `seed` (`row` counts rows
+    over all processes of the call, in process order)."""
+    return derive(seed, row)
 
 
 @dataclasses.dataclass
@@ -444,7 +446,7 @@ def engine_generate(
     top_p: float = 1.0,
     top_k: int = 0,
     eos_ids: Sequence[int] = (),
-    seed: int = 0,
+    seed: Seed = 0,
     vocab_limit: int | None = None,
     slots: int | None = None,
     decode_steps: int = 32,
@@ -453,8 +455,9 @@ def engine_generate(
     state: tuple[Any, Any] | None = None,
     mesh: jax.sharding.Mesh | None = None,
 ) -> SampleOutput:
-    """`sampler.generate`'s contract on the engine: row r samples from fold_in(PRNGKey(seed), r),
-    so the output equals `sampler.generate(model, prompts, ...)` for the same arguments."""
+    """`sampler.generate`'s contract on the engine: row r samples from `row_key(seed, r)` (r global
+    over the processes of a mesh), so the output equals `sampler.generate(model, prompts, ...)`
+    for the same arguments."""
     if len(prompts) == 0:
         raise ValueError("engine_generate() got no prompts: pass a non-empty list of token-id lists")
     longest = max(len(p) for p in prompts)
@@ -462,8 +465,9 @@ def engine_generate(
     engine = Engine(model, slots=slots or min(len(prompts), 32), max_len=max_len,
                     decode_steps=decode_steps, prefill_chunk=prefill_chunk,
                     vocab_limit=vocab_limit, share_prefill=share_prefill, state=state, mesh=mesh)
-    ids = [engine.submit(Request(p, max_new_tokens, row_key(seed, r), temperature, top_p, top_k,
-                                 tuple(eos_ids))) for r, p in enumerate(prompts)]
+    first = int(process_offsets([len(prompts)])[0]) if engine.procs > 1 else 0
+    ids = [engine.submit(Request(p, max_new_tokens, row_key(seed, first + r), temperature, top_p,
+                                 top_k, tuple(eos_ids))) for r, p in enumerate(prompts)]
     done = {res.request_id: res for res in engine.run()}
     rows = [done[i] for i in ids]
     return SampleOutput(tokens=[r.tokens for r in rows], logps=[r.logps for r in rows],

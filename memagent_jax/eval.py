@@ -42,6 +42,7 @@ from memagent_jax.config import AgentSection
 from memagent_jax.data import hotpotqa, ruler_synthetic
 from memagent_jax.plots import format_length, plot_accuracy_vs_length, plot_heatmap
 from memagent_jax.rl.rewards import answer_is_extract, boxed_answer, string_match_all, sub_em
+from memagent_jax.seeds import derive
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ def _run_cell(samples: Sequence[dict[str, Any]], policy: MemoryPolicy, *, builde
         t0 = time.perf_counter()
         res = rollout(batch, policy=policy, builder=builder, tokenizer=tokenizer, generate_fn=generate_fn,
                       group_size=1, training=False, question_budget=question_budget,
-                      gen_kwargs={**gen, "seed": gen["seed"] + 1_000_003 * b})
+                      gen_kwargs={**gen, "seed": derive(gen["seed"], b)})  # batch b's stream
         dt = time.perf_counter() - t0
         seconds += dt
         for s, t, doc_tokens in zip(batch, res.trajectories, res.stats["doc_tokens"]):

@@ -28,9 +28,10 @@ from memagent_jax.models.sharding import (
     cache_sharding,
     param_shardings,
 )
-from memagent_jax.distributed import from_process_local, global_max, to_host
+from memagent_jax.distributed import allgather_ints, from_process_local, to_host
 from memagent_jax.models.attention import resolve as resolve_attention
 from memagent_jax.models.transformer import Decoder, KVCache
+from memagent_jax.seeds import Seed, as_key
 from memagent_jax.types import SampleOutput
 
 MAX_STOP_IDS = 8
@@ -270,20 +271,25 @@ def generate(
     top_p: float = 1.0,
     top_k: int = 0,
     eos_ids: Sequence[int] = (),
-    seed: int = 0,
+    seed: Seed = 0,
     mesh: jax.sharding.Mesh | None = None,
     vocab_limit: int | None = None,
     max_prompt_len: int | None = None,
     share_prefill: bool = True,
     prefill_chunk: int = 512,
     state: tuple[Any, Any] | None = None,
+    first_row: int | None = None,
 ) -> SampleOutput:
     """Generates up to `max_new_tokens` for each prompt (lists of token ids).
 
     temperature 0 = greedy. top_k 0 and top_p 1 are off. Row r samples from its own PRNG stream
-    fold_in(PRNGKey(seed), r), so equal seeds give equal outputs. Identical prompts are prefilled
-    once and their cache copied (`share_prefill`). Ids >= `vocab_limit` (the tokenizer's vocab) are
-    never sampled. `state` may pass a precomputed `decode_state(model, mesh)` to skip the re-layout.
+    `seeds.derive(seed, r)` (`seed` an int or a derived key), so equal seeds give equal outputs.
+    On a mesh over several processes r counts rows over all processes in process order: the call
+    equals one process's call with every process's prompts laid end to end. `first_row` sets this
+    process's first r instead (a caller that splits one call into slices passes each slice's start
+    in the whole call, so its rows keep their keys). Identical prompts are
+    prefilled once and their cache copied (`share_prefill`). Ids >= `vocab_limit` (the tokenizer's
+    vocab) are never sampled. `state` may pass a precomputed `decode_state(model, mesh)` to skip the re-layout.
     """
     cfg = model.config
     max_prompt_len = max_prompt_len or cfg.max_position_embeddings
@@ -306,10 +312,14 @@ def generate(
     # Shapes (bucketed; agreed across processes): rows B and unique prompts U per process.
     longest = max((len(p) for p in unique_prompts), default=1)
     n_rows, n_unique = len(prompts), len(unique_prompts)
+    key_offset = 0  # global index of this process's first row (the rows of lower processes)
     if procs > 1:
-        n_rows, n_unique, longest, max_new_tokens = global_max(n_rows, n_unique, longest, max_new_tokens)
+        counts = allgather_ints((n_rows, n_unique, longest, max_new_tokens))
+        key_offset = int(counts[: jax.process_index(), 0].sum())
+        n_rows, n_unique, longest, max_new_tokens = (int(v) for v in counts.max(axis=0))
         if n_rows == 0:
             return SampleOutput(tokens=[], logps=[], finish_reasons=[])
+    key_offset = key_offset if first_row is None else int(first_row)
     multiple = max(1, batch_multiple(mesh, DECODE_RULES) // procs)
     B = _pow2_bucket(n_rows, multiple)
     U = _pow2_bucket(n_unique, multiple)
@@ -330,8 +340,8 @@ def generate(
     row_valid[: len(prompts)] = 1
     stops = np.full((MAX_STOP_IDS,), -1, np.int32)
     stops[: len(eos_ids)] = list(eos_ids)
-    base = jax.random.PRNGKey(seed)
-    keys = np.asarray(jax.vmap(lambda r: jax.random.fold_in(base, r))(np.arange(B) + first_row))
+    base = as_key(seed)
+    keys = np.asarray(jax.vmap(lambda r: jax.random.fold_in(base, r))(np.arange(B) + key_offset))
     params = dict(
         temperature=np.float32(temperature), top_p=np.float32(top_p), top_k=np.int32(top_k),
         vocab_limit=np.int32(vocab_limit or cfg.vocab_size), stop_ids=stops,

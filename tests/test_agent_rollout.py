@@ -23,6 +23,7 @@ from memagent_jax.agent import (
     rollout,
 )
 from memagent_jax.agent.memory import OverwritePolicy, strip_reply
+from memagent_jax.seeds import derive
 from memagent_jax.types import SampleOutput
 
 TOK = CharTokenizer()
@@ -228,7 +229,8 @@ def test_batch_by_group_with_different_chunk_counts():
     res, gen = run(samples, group_size=2,
                    gen_kwargs={"max_memory_new_tokens": 50, "max_final_new_tokens": 60, "seed": 7, "temperature": 0.7})
     assert [len(c["prompts"]) for c in gen.calls] == [6, 4, 2, 6] == res.stats["rows_per_call"]
-    assert [c["seed"] for c in gen.calls] == [7, 8, 9, 10]
+    # turn k's key folds k into the seed's key (seeds.derive), never seed + k
+    assert [c["seed"].tolist() for c in gen.calls] == [derive(7, k).tolist() for k in range(4)]
     assert [c["max_new_tokens"] for c in gen.calls] == [50, 50, 50, 60]
     assert all(c["sampling"] == {"temperature": 0.7} for c in gen.calls)
     assert [t.group_id for t in res.trajectories] == [0, 0, 1, 1, 2, 2]

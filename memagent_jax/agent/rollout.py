@@ -7,7 +7,8 @@ memory, chunk spliced into the cached template pieces); a memory reply becomes t
 ids directly (after the policy's strip/cap), never via decode/re-encode.
 
 `generate_fn(prompts, *, max_new_tokens, seed, **sampling) -> SampleOutput` (docs/CONTRACTS.md);
-`sampling` holds only the temperature/top_p/top_k that were set in `gen_kwargs`.
+`sampling` holds only the temperature/top_p/top_k that were set in `gen_kwargs`; `seed` is the
+turn's key, `seeds.derive(gen_kwargs["seed"], turn)`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 
 from memagent_jax.agent.memory import MemoryPolicy
 from memagent_jax.agent.prompts import PromptBuilder
+from memagent_jax.seeds import Seed, derive
 from memagent_jax.types import Conversation, ConversationBatch, SampleOutput, Trajectory
 
 GenerateFn = Callable[..., SampleOutput]
@@ -121,7 +123,7 @@ class _Caller:
         self.rows_per_call: list[int] = []
 
     def __call__(self, trajs: list[Trajectory], prompts: list[list[int]], *, is_final: bool,
-                 turn: int, max_new_tokens: int, seed: int) -> list[list[int]]:
+                 turn: int, max_new_tokens: int, seed: Seed) -> list[list[int]]:
         out = self.generate_fn(prompts, max_new_tokens=max_new_tokens, seed=seed, **self.sampling)
         if not (len(out.tokens) == len(out.logps) == len(out.finish_reasons) == len(prompts)):
             raise ValueError(f"generate_fn returned {len(out.tokens)} rows for {len(prompts)} prompts")
@@ -154,7 +156,8 @@ def rollout(
     """Run the memory agent on `samples` ({"question", "context", "answers"}) x `group_size`.
 
     Trajectory i = b * group_size + g reads document b. Call k (memory step k, then the final
-    step) uses seed `gen_kwargs["seed"] + k`, so the same seed reproduces the same rollout.
+    step) gets the key `seeds.derive(gen_kwargs["seed"], k)` (an int seed or a derived key), so the
+    same seed reproduces the same rollout.
     `on_step(k, num_steps, trajectories)` runs after each memory step (progress, memory display).
     `sync_steps(local_steps) -> steps` makes processes agree on the number of memory steps (multi-
     host: every process joins every sampler call, with zero rows once its documents are done).
@@ -185,7 +188,7 @@ def rollout(
         prompts = [policy.turn_prompt(builder, docs[t.group_id].question_ids, memory[t.trajectory_id],
                                       docs[t.group_id].chunks[k]) for t in active]
         replies = call(active, prompts, is_final=False, turn=k,
-                       max_new_tokens=gen["max_memory_new_tokens"], seed=gen["seed"] + k)
+                       max_new_tokens=gen["max_memory_new_tokens"], seed=derive(gen["seed"], k))
         for t, reply in zip(active, replies):
             memory[t.trajectory_id], capped = policy.update(memory[t.trajectory_id], reply, tokenizer)
             t.memory_capped_turns += int(capped)
@@ -195,7 +198,7 @@ def rollout(
 
     prompts = [policy.final_prompt(builder, docs[t.group_id].question_ids, memory[t.trajectory_id]) for t in trajs]
     replies = call(trajs, prompts, is_final=True, turn=num_steps,
-                   max_new_tokens=gen["max_final_new_tokens"], seed=gen["seed"] + num_steps)
+                   max_new_tokens=gen["max_final_new_tokens"], seed=derive(gen["seed"], num_steps))
     for t, reply in zip(trajs, replies):
         t.answer_text = tokenizer.decode(reply)
 
@@ -239,7 +242,7 @@ def sampler_generate_fn(model: Any, tokenizer: Any, **defaults: Any) -> Generate
 
     base = {"eos_ids": tuple(tokenizer.eos_ids), "vocab_limit": int(tokenizer.vocab_size), **defaults}
 
-    def generate_fn(prompts: list[list[int]], *, max_new_tokens: int, seed: int, **overrides: Any) -> SampleOutput:
+    def generate_fn(prompts: list[list[int]], *, max_new_tokens: int, seed: Seed, **overrides: Any) -> SampleOutput:
         kwargs = {**base, **{k: v for k, v in overrides.items() if v is not None}}
         return sampler.generate(model, prompts, max_new_tokens=max_new_tokens, seed=seed, **kwargs)
 
@@ -254,9 +257,10 @@ def _rollout_continuous(docs: list[_Doc], trajs: list[Trajectory], memory: list[
     """The rollout on the continuous-batching engine: no barrier between turns.
 
     A trajectory's turn k+1 (or final) prompt is queued the moment its turn-k reply arrives.
-    Each request gets the PRNG key the static path would give it (seed + k, its row among the
-    trajectories active at turn k), and conversations are recorded in the static order, so the
-    result equals the static rollout's.
+    Each request gets the PRNG key the static path would give it (turn k's key, its row among the
+    trajectories active at turn k over all processes, in process order), and conversations are
+    recorded in the static order, so the result equals the static rollout's, and on several
+    processes the rollout of all their documents on one process.
     """
     from memagent_jax import engine as eng  # lazy: keeps the agent importable without the model stack
 
@@ -265,9 +269,12 @@ def _rollout_continuous(docs: list[_Doc], trajs: list[Trajectory], memory: list[
     request_kw = dict(temperature=float(params.get("temperature", 0.0)),
                       top_p=float(params.get("top_p", 1.0)), top_k=int(params.get("top_k", 0)),
                       stop_ids=tuple(generate_fn.eos_ids))
-    # Row of trajectory t in the static call of turn k: its rank among those with a k-th chunk.
+    # Row of trajectory t in the static call of turn k: its rank among those with a k-th chunk,
+    # after the rows of the processes before this one (one all-gather of the per-turn counts).
     rows = [{t.trajectory_id: r for r, t in enumerate(x for x in trajs if k < x.num_chunks)}
             for k in range(num_steps)]
+    first = _first_rows([len(r) for r in rows] + [len(trajs)], generate_fn.engine_config["mesh"])
+    turn_keys = [derive(gen["seed"], k) for k in range(num_steps + 1)]
     outputs: dict[tuple[int, int], Any] = {}  # (turn, trajectory) -> engine Result; final = num_steps
     prompts: dict[tuple[int, int], list[int]] = {}
     owner: dict[int, tuple[int, int]] = {}
@@ -276,12 +283,12 @@ def _rollout_continuous(docs: list[_Doc], trajs: list[Trajectory], memory: list[
         d = docs[t.group_id]
         if k < t.num_chunks:
             prompt = policy.turn_prompt(builder, d.question_ids, memory[t.trajectory_id], d.chunks[k])
-            key = eng.row_key(gen["seed"] + k, rows[k][t.trajectory_id])
+            key = eng.row_key(turn_keys[k], first[k] + rows[k][t.trajectory_id])
             max_new = gen["max_memory_new_tokens"]
         else:
             k = num_steps
             prompt = policy.final_prompt(builder, d.question_ids, memory[t.trajectory_id])
-            key = eng.row_key(gen["seed"] + num_steps, t.trajectory_id)
+            key = eng.row_key(turn_keys[num_steps], first[num_steps] + t.trajectory_id)
             max_new = gen["max_final_new_tokens"]
         prompts[(k, t.trajectory_id)] = prompt
         owner[engine.submit(eng.Request(prompt, max_new, key, **request_kw))] = (k, t.trajectory_id)
@@ -325,6 +332,16 @@ def _rollout_continuous(docs: list[_Doc], trajs: list[Trajectory], memory: list[
     return RolloutResult(call.conversations, trajs, stats, pad_id=int(tokenizer.pad_id))
 
 
+def _first_rows(counts: list[int], mesh: Any) -> list[int]:
+    """Per call, the global row of this process's first row: the rows of the processes before it
+    when the engine spans several processes (`mesh`), else 0."""
+    if mesh is None:
+        return [0] * len(counts)
+    from memagent_jax.distributed import process_offsets  # lazy, as the engine
+
+    return [int(x) for x in process_offsets(counts)]
+
+
 class EngineGenerateFn:
     """A `generate_fn` whose rollout runs on the continuous-batching engine (`rollout()` detects
     it by `engine_config`; multi-host included: the engine's processes agree before every call).
@@ -346,7 +363,7 @@ class EngineGenerateFn:
 
         return eng.Engine(self.model, vocab_limit=self.vocab_limit, **self.engine_config)
 
-    def __call__(self, prompts: list[list[int]], *, max_new_tokens: int, seed: int,
+    def __call__(self, prompts: list[list[int]], *, max_new_tokens: int, seed: Seed,
                  **overrides: Any) -> SampleOutput:
         if self.static_fn is not None:
             return self.static_fn(prompts, max_new_tokens=max_new_tokens, seed=seed, **overrides)

@@ -11,8 +11,9 @@ One RL step:
   4. shuffled mini-batches of conversations -> token-budget micro-batches -> exact token-mean
      gradient accumulation -> one optax step per mini-batch;
   5. metrics, async orbax checkpoint every `save_every` steps and on SIGTERM/SIGINT.
-Every random choice derives from (seed, RL step), and the data loader's position is saved, so a
-resumed run continues exactly as an uninterrupted one.
+Every random choice derives from (seed, RL step): generation batch b samples from the stream
+`seeds.derive(trainer.seed, step, b)`, the update shuffles with numpy's SeedSequence of the same;
+the data loader's position is saved, so a resumed run continues exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ from memagent_jax.agent.rollout import RolloutResult, engine_generate_fn, rollou
 from memagent_jax.agent.window import engine_max_len
 from memagent_jax.checkpoint import RunCheckpointer, StopSignal
 from memagent_jax.config import Config, save_config
-from memagent_jax.distributed import allgather_objects, global_array, global_max, to_host
+from memagent_jax.distributed import (
+    allgather_objects, global_array, global_max, process_offsets, to_host,
+)
 from memagent_jax.metrics import MetricsWriter
 from memagent_jax.models.sharding import batch_multiple, batch_sharding
 from memagent_jax.rl import rewards as R
@@ -55,6 +58,7 @@ from memagent_jax.rl.train_step import (
     micro_batch_grads,
     sequence_logprobs,
 )
+from memagent_jax.seeds import Seed, derive
 from memagent_jax.types import SampleOutput, Trajectory
 
 RewardFn = Callable[[Trajectory], tuple[float, float]]  # -> (reward, accuracy)
@@ -149,20 +153,25 @@ class Trainer:
         state = sampler.decode_state(model, mesh)
         r = self.cfg.rollout
 
-        def generate_rows(prompts: list[list[int]], max_new_tokens: int, seed: int, **kw: Any) -> Any:
+        def generate_rows(prompts: list[list[int]], max_new_tokens: int, seed: Seed,
+                          first_row: int | None = None, **kw: Any) -> Any:
             return sampler.generate(
                 model, prompts, max_new_tokens=max_new_tokens, seed=seed, mesh=mesh, state=state,
+                first_row=first_row,
                 temperature=kw.get("temperature", r.temperature), top_p=kw.get("top_p", r.top_p),
                 top_k=kw.get("top_k", r.top_k), eos_ids=tuple(tok.eos_ids), vocab_limit=tok.vocab_size)
 
-        def generate(prompts: list[list[int]], *, max_new_tokens: int, seed: int, **kw: Any) -> Any:
-            """All rows at once, or slices of rollout.max_rows_per_call rows (bounded KV cache)."""
+        def generate(prompts: list[list[int]], *, max_new_tokens: int, seed: Seed, **kw: Any) -> Any:
+            """All rows at once, or slices of rollout.max_rows_per_call rows (bounded KV cache).
+            A slice's rows keep the keys of the whole call (the turn's seed, their row in it over
+            all processes), so slicing bounds memory without changing what is sampled."""
             cap = r.max_rows_per_call
             if cap <= 0:
                 return generate_rows(prompts, max_new_tokens, seed, **kw)
             (calls,) = global_max(-(-len(prompts) // cap))  # processes agree on the call count
-            outs = [generate_rows(prompts[i * cap:(i + 1) * cap], max_new_tokens, seed + 7919 * i, **kw)
-                    for i in range(calls)]
+            start = 0 if mesh is None else int(process_offsets([len(prompts)])[0])
+            outs = [generate_rows(prompts[i * cap:(i + 1) * cap], max_new_tokens, seed,
+                                  first_row=start + i * cap, **kw) for i in range(calls)]
             return SampleOutput(tokens=[t for o in outs for t in o.tokens],
                                 logps=[lp for o in outs for lp in o.logps],
                                 finish_reasons=[f for o in outs for f in o.finish_reasons])
@@ -206,7 +215,7 @@ class Trainer:
                     "(0 = unbounded), rl.gen_batch_size, or the group size"
                 )
             docs = next(self.data)
-            seed = (self.cfg.trainer.seed * 1_000_003 + self.rl_step * 1009 + gen) * 4096
+            seed = derive(self.cfg.trainer.seed, self.rl_step, gen)  # this batch's stream
             res = rollout(docs, policy=self.policy, builder=self.builder, tokenizer=self.tokenizer,
                           generate_fn=generate, group_size=self.cfg.rollout.group_size, training=True,
                           gen_kwargs=dict(max_memory_new_tokens=a.max_memory_tokens,

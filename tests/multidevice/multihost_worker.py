@@ -1,9 +1,11 @@
 """One full RL step (real sampler rollout, dynamic-sampling filter, update) plus a checkpoint save
 and restore, in one of N cooperating processes (or alone with 8 devices as the reference).
 
-usage: multihost_worker.py OUT_DIR PROCESS_ID NUM_PROCESSES PORT [ENGINE]   (NUM_PROCESSES=1: reference)
-ENGINE is rollout.engine (static, the default, or continuous). Writes
-OUT_DIR/params_<N>proc_<ENGINE>.npz (process 0) with the final weights.
+usage: multihost_worker.py OUT_DIR PROCESS_ID NUM_PROCESSES PORT [ENGINE [TEMPERATURE]]
+(NUM_PROCESSES=1: reference). ENGINE is rollout.engine (static, the default, or continuous);
+TEMPERATURE is rollout.temperature (default 0: greedy). Writes
+OUT_DIR/params_<N>proc_<ENGINE>_t<TEMPERATURE>.npz (process 0) with the final weights, and prints
+a digest of every kept conversation's sampled tokens.
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ import jax
 
 out_dir, pid, nproc, port = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 engine = sys.argv[5] if len(sys.argv) > 5 else "static"
+temperature = float(sys.argv[6]) if len(sys.argv) > 6 else 0.0
 if nproc > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc,
                                process_id=pid)
+
+import hashlib  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -51,11 +56,11 @@ def main() -> None:
         "agent.memory_template=Q{prompt}M{memory}C{chunk}>", "agent.final_template=Q{prompt}M{memory}>",
         "agent.first_memory=-", "agent.chunk_size=12", "agent.max_chunks=3",
         "agent.max_memory_tokens=4", "agent.max_final_new_tokens=4", "agent.question_budget=64",
-        f"rollout.group_size={G}", "rollout.temperature=0.0", "rl.train_batch_size=2",
+        f"rollout.group_size={G}", f"rollout.temperature={temperature}", "rl.train_batch_size=2",
         "rl.gen_batch_size=4", "rl.mini_batch_size=1", "rl.filter_groups=true",
         "rl.micro_batch_tokens=256", "optim.lr=0.01", "optim.eps=0.001", "optim.warmup_steps=1",
         f"rollout.engine={engine}", "rollout.engine_slots=2", "rollout.engine_decode_steps=2",
-        f"trainer.out_dir={out_dir}/run_{nproc}proc_{engine}", "trainer.progress=false",
+        f"trainer.out_dir={out_dir}/run_{nproc}proc_{engine}_t{temperature}", "trainer.progress=false",
         "trainer.async_checkpoint=false", "trainer.total_steps=1"])
     all_docs = docs(4, 30, seed=1)
     for i, d in enumerate(all_docs):  # chunk counts differ: 3, 1, 2, 3 chunks
@@ -72,6 +77,14 @@ def main() -> None:
     model = shard_state(tiny_model(num_heads=2, num_kv_heads=2), mesh)
     trainer = Trainer(cfg, model, TOK, stream(), mesh=mesh, reward_fn=reward)
     initial = [to_host(x) for x in jax.tree.leaves(trainer.state.params)]
+    update, sampled = trainer.update, hashlib.sha256()
+
+    def recording_update(collected):  # the kept conversations' tokens, in trainer order
+        for c in collected.batch.conversations:
+            sampled.update(np.asarray(c.prompt + [-1] + c.response, np.int64).tobytes())
+        return update(collected)
+
+    trainer.update = recording_update
     metrics = trainer.train_step()
     trainer.save(force=True)
     trainer.checkpointer.wait()
@@ -82,12 +95,13 @@ def main() -> None:
     params = [to_host(x) for x in jax.tree.leaves(trainer.state.params)]
     trainer.close()
     if jax.process_index() == 0:
-        np.savez(out_dir / f"params_{nproc}proc_{engine}.npz", *params)
+        np.savez(out_dir / f"params_{nproc}proc_{engine}_t{temperature}.npz", *params)
         moved = max(float(np.abs(a - b).max()) for a, b in zip(initial, params))
         print(json.dumps({"restore_equal": same, "meta_step": meta["rl_step"], "moved": moved,
                           "kept": metrics["batch/trajectories"],
                           "gen_batches": metrics["dynamic/gen_batches"],
                           "conversations": metrics["batch/conversations"],
+                          "sampled": sampled.hexdigest(),
                           "engine_calls": [STATS.prefill_calls, STATS.decode_calls]}))
     else:  # every process joined every engine call
         print(json.dumps({"engine_calls": [STATS.prefill_calls, STATS.decode_calls]}))
