@@ -52,8 +52,8 @@ def ref_loss(logp, old, adv, mask, *, eps_low, eps_high, clip_c, agg, ref=None, 
         if agg == "seq-mean-token-mean":
             rows = [(mask[b] * x[b]).sum() / mask[b].sum() for b in range(B) if mask[b].sum() > 0]
             return float(np.mean(rows))
-        if agg == "seq-mean-token-sum-norm":
-            return (mask * x).sum() / (B * T)
+        if agg == "seq-mean-token-sum-norm":  # rows x the longest response
+            return (mask * x).sum() / (B * max(1.0, mask.sum(axis=1).max()))
         raise AssertionError(agg)
 
     def tmean(x):
@@ -209,7 +209,7 @@ def test_grad_accumulation_over_uneven_micro_batches(agg):
 
     # Global denominator, computed independently of the module.
     global_den = {"token-mean": mask.sum(), "seq-mean-token-mean": (mask.sum(1) > 0).sum(),
-                  "seq-mean-token-sum-norm": mask.shape[0] * mask.shape[1]}[agg]  # fmt: skip
+                  "seq-mean-token-sum-norm": mask.shape[0] * mask.sum(1).max()}[agg]  # fmt: skip
     bounds = np.cumsum([0, 1, 3, 2, 2])
     total, grads, local_dens = 0.0, [], 0.0
     for s, e in zip(bounds[:-1], bounds[1:]):
@@ -225,10 +225,29 @@ def test_grad_accumulation_over_uneven_micro_batches(agg):
         grads.append(np.asarray(g))
         local_dens += float(L.policy_loss_sum(logp[sl], old[sl], adv[sl], mask[sl], **kw)[1])
 
-    np.testing.assert_allclose(local_dens, global_den)  # local denominators add up
+    if agg != "seq-mean-token-sum-norm":  # a max over rows does not add up: pass the global one
+        np.testing.assert_allclose(local_dens, global_den)  # local denominators add up
     np.testing.assert_allclose(total, float(want_loss), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(np.concatenate(grads), np.asarray(want_grad), rtol=1e-5, atol=1e-7)
     assert np.abs(np.asarray(want_grad)).max() > 0
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_one_aggregation_definition_for_loss_and_trainer_batching(agg):
+    """The trainer's mini-batch denominator (rl/batching.py) is the loss's own, and neither moves
+    when the time axis is padded further (rows hold prompt + response, padded to a bucket)."""
+    from memagent_jax.rl.batching import global_denominator
+
+    logp, old, adv, mask, _, _ = make_batch(5, B=6, T=9)
+    mask[:, 7:] = 0.0  # the longest response ends before the padded width
+    kw = dict(eps_low=0.2, eps_high=0.28, clip_c=3.0, agg=agg)
+    loss, _ = L.policy_loss(logp, old, adv, mask, **kw)
+    _, den, _ = L.policy_loss_sum(logp, old, adv, mask, **kw)
+    assert global_denominator(mask, agg) == pytest.approx(float(den))
+    pad = lambda x: np.pad(x, ((0, 0), (0, 7)))  # noqa: E731
+    padded, _ = L.policy_loss(pad(logp), pad(old), pad(adv), pad(mask), **kw)
+    np.testing.assert_allclose(float(padded), float(loss), rtol=1e-6)
+    assert global_denominator(pad(mask), agg) == global_denominator(mask, agg)
 
 
 def test_aux_sums_reduce_to_aux():

@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from memagent_jax.agent.rollout import RolloutResult
+from memagent_jax.rl.loss import aggregation_denominator
 from memagent_jax.sampler import bucket
 from memagent_jax.types import ConversationBatch
 
@@ -40,14 +41,9 @@ def merge_kept(results: Sequence[RolloutResult], keeps: Sequence[np.ndarray]) ->
 
 
 def global_denominator(mask: np.ndarray, agg: str) -> float:
-    """The loss denominator of a whole mini-batch (REFERENCE.md section 3 aggregation modes)."""
-    if agg == "token-mean":
-        return float(mask.sum())
-    if agg == "seq-mean-token-mean":
-        return float((mask.sum(axis=1) > 0).sum())
-    if agg == "seq-mean-token-sum-norm":
-        return float(mask.shape[0] * max(1, int(mask.sum(axis=1).max(initial=0))))
-    raise ValueError(f"unknown agg {agg!r}")
+    """The loss denominator of a whole mini-batch: `rl.loss.aggregation_denominator`, the one
+    definition of the aggregation modes (docs/reference.md section 3)."""
+    return float(aggregation_denominator(np.asarray(mask, np.float32), agg))
 
 
 def pack_micro_batches(lengths: np.ndarray, token_budget: int) -> list[np.ndarray]:

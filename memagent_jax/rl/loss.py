@@ -13,7 +13,12 @@ Every aggregation mode is a weighted sum of per-token values divided by a denomi
 
     token-mean               weight m,                       denominator sum(m)
     seq-mean-token-mean      weight m / sum_t(m) per row,    denominator #rows with sum_t(m) > 0
-    seq-mean-token-sum-norm  weight m,                       denominator num_rows * T
+    seq-mean-token-sum-norm  weight m,                       denominator num_rows * L
+
+L is the longest response among the rows (max over rows of sum_t m): the padded response length
+when responses are padded to the longest, and independent of how far the time axis is padded
+(rows here hold prompt + response). `aggregation_denominator` is the one definition; the
+trainer's batching applies it to the whole mini-batch.
 
 `policy_loss_sum` returns (numerator, denominator, aux sums); a trainer accumulating micro-batches
 sums the numerators and divides once by the global denominator (or passes `denominator=` the global
@@ -26,10 +31,11 @@ All functions are pure and jittable; `agg` and `clip_c` are Python values (stati
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Agg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -42,18 +48,29 @@ KL_CLAMP = 10.0
 _AGG_KEYS = ("pg_loss", "kl")
 
 
+def aggregation_denominator(mask: Any, agg: str) -> Any:
+    """The denominator of aggregation `agg` over the response mask `mask` [rows, T] (see the
+    module docstring): a numpy float32 for a numpy mask (the trainer, over a whole mini-batch),
+    else a jax float32 (the loss, under jit)."""
+    xp = np if isinstance(mask, np.ndarray) else jnp
+    tokens_per_row = mask.sum(axis=-1)
+    if agg == "token-mean":
+        den = tokens_per_row.sum()
+    elif agg == "seq-mean-token-mean":
+        den = (tokens_per_row > 0).sum()
+    elif agg == "seq-mean-token-sum-norm":
+        den = mask.shape[0] * xp.maximum(xp.max(tokens_per_row, initial=0.0), 1.0)
+    else:
+        raise ValueError(f"unknown loss aggregation agg={agg!r}; expected one of {AGG_MODES}")
+    return xp.asarray(den, xp.float32)
+
+
 def _agg_weights(mask: jax.Array, agg: str) -> tuple[jax.Array, jax.Array]:
     """Per-token weights w and the local denominator d so that agg(l) = sum(w * l) / d."""
-    tokens_per_row = mask.sum(axis=-1, keepdims=True)
-    if agg == "token-mean":
-        return mask, mask.sum()
-    if agg == "seq-mean-token-mean":
-        w = mask / jnp.maximum(tokens_per_row, 1.0)  # empty rows get weight 0
-        return w, (tokens_per_row > 0).sum().astype(jnp.float32)
-    if agg == "seq-mean-token-sum-norm":
-        num_rows, length = mask.shape
-        return mask, jnp.asarray(float(num_rows * length), jnp.float32)
-    raise ValueError(f"unknown loss aggregation agg={agg!r}; expected one of {AGG_MODES}")
+    den = aggregation_denominator(mask, agg)
+    if agg == "seq-mean-token-mean":  # empty rows get weight 0
+        return mask / jnp.maximum(mask.sum(axis=-1, keepdims=True), 1.0), den
+    return mask, den
 
 
 def low_var_kl(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
@@ -83,9 +100,8 @@ def policy_loss_sum(
 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """Un-normalized DAPO loss: (numerator, denominator, aux_sums). All inputs [B, T].
 
-    loss = numerator / denominator. `denominator` overrides the local one: pass the global value
-    of the whole mini-batch (sum of masks for token-mean, number of non-empty rows for
-    seq-mean-token-mean, total rows * T for seq-mean-token-sum-norm) when accumulating.
+    loss = numerator / denominator. `denominator` overrides the local one: pass the whole
+    mini-batch's `aggregation_denominator` when accumulating micro-batches.
 
     aux_sums: "pg_loss" and "kl" (when ref_logp is given) are numerators of the same aggregation;
     "clipfrac", "clipfrac_lower", "approx_kl", "entropy" (when given) are masked token sums, and
