@@ -74,8 +74,6 @@ class RolloutSection:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    val_temperature: float = 1.0
-    val_top_p: float = 0.7
     max_rows_per_call: int = 0  # cap on rows of one sampler call (0 = all active rows at once)
     engine: str = "continuous"  # continuous (memagent_jax.engine) | static (one batched call per turn)
     engine_slots: int = 64  # continuous: decode slots (KV cache rows)
@@ -111,8 +109,8 @@ class RLSection:
     gen_batch_size: int = 128  # documents per generation batch
     max_num_gen_batches: int = 0  # 0 = unbounded
     filter_groups: bool = True
-    filter_metric: str = "accuracy"
-    mini_batch_size: int = 8  # groups per optimizer step
+    filter_metric: str = "accuracy"  # accuracy | reward: what a kept group's members must differ in
+    mini_batch_size: int = 8  # whole groups per optimizer step (a group never straddles two)
     micro_batch_tokens: int = 16384  # tokens per micro-batch (gradient accumulation)
     ppo_epochs: int = 1
     eps_low: float = 0.2
@@ -209,9 +207,22 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     return value
 
 
+# Keys that configs once had: setting one is an error that says what replaced it.
+REMOVED_KEYS: dict[str, str] = {
+    # Accepted and never read: the trainer runs no validation pass.
+    "rollout.val_temperature": "memagent-jax eval --temperature T on the exported model (MemAgent "
+                               "validated at temperature 1.0)",
+    "rollout.val_top_p": "memagent-jax eval --top-p P on the exported model (MemAgent validated at "
+                         "top_p 0.7)",
+}
+
+
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Builds dataclass `cls` from a nested dict; unknown keys raise naming the valid ones."""
     hints = _field_types(cls)
+    for k in data:
+        if prefix + k in REMOVED_KEYS:
+            raise KeyError(f"config key {prefix + k!r} was removed: use {REMOVED_KEYS[prefix + k]}")
     unknown = [k for k in data if k not in hints]
     if unknown:
         raise KeyError(

@@ -54,6 +54,8 @@ class Trajectory:
     answer_text: str
     ground_truths: list[str]
     memories: list[str] = dataclasses.field(default_factory=list)  # memory text after each turn
+    # Written by the trainer: the reward function's (reward, accuracy), then the reward with
+    # overlong shaping and the advantage (rollout leaves them 0).
     reward: float = 0.0
     accuracy: float = 0.0
     advantage: float = 0.0

@@ -218,6 +218,6 @@ def test_every_config_loads():
     assert (dapo.rl.eps_high, dapo.rl.clip_c, dapo.rl.kl_coef, dapo.optim.weight_decay) == (0.28, 10.0, 0.0, 0.1)
     assert dapo.rl.gen_batch_size == 3 * dapo.rl.train_batch_size and dapo.rl.overlong.enable
     assert (mem.rl.eps_high, mem.rl.clip_c, mem.rl.kl_coef, mem.rl.norm_adv_by_std) == (0.2, 3.0, 0.001, False)
-    assert (mem.rollout.val_top_p, mem.agent.chunk_size, mem.agent.max_chunks) == (0.7, 5000, 8)
+    assert (mem.rollout.top_p, mem.agent.chunk_size, mem.agent.max_chunks) == (1.0, 5000, 8)
     big = load_config("qwen2_5_14b_memagent")
     assert (big.rl.train_batch_size, big.rl.mini_batch_size, big.rl.kl_coef) == (256, 16, 0.001)

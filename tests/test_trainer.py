@@ -197,3 +197,74 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path):
     for a, b in zip(expected, _params(second)):
         np.testing.assert_array_equal(a, b)
     second.close()
+
+
+def test_mini_batches_hold_whole_groups(tmp_path, monkeypatch):
+    """rl.mini_batch_size counts groups: 4 groups, 2 per optimizer step -> 2 updates, each over
+    every conversation of its 2 groups (none split between steps)."""
+    import memagent_jax.rl.trainer as trainer_module
+
+    cfg = _cfg(tmp_path, "rl.train_batch_size=4", "rl.gen_batch_size=4", "rl.mini_batch_size=2",
+               "rl.filter_groups=false", "rl.micro_batch_tokens=64")
+    trainer = Trainer(cfg, tiny_model(), TOK, _numbered_docs_of(4), reward_fn=_scripted_reward,
+                      generate_fn=_scripted_generate)
+    collected = trainer.collect()
+    group_of = np.array([c.group_id for c in collected.batch.conversations])
+    steps: list[list[int]] = [[]]
+    arrays, apply = trainer_module.micro_batch_arrays, trainer.apply_update
+
+    def record_rows(batch, rows, lengths, multiple, extra=None):
+        if extra is not None:  # the update's micro-batches (the log-prob pass passes no extra)
+            steps[-1].extend(rows.tolist())
+        return arrays(batch, rows, lengths, multiple, extra)
+
+    def record_step(*args):
+        steps.append([])
+        return apply(*args)
+
+    monkeypatch.setattr(trainer_module, "micro_batch_arrays", record_rows)
+    trainer.apply_update = record_step
+    trainer.update(collected)
+    trainer.close()
+    steps = [s for s in steps if s]
+    assert len(steps) == 2 and sorted(sum(steps, [])) == list(range(len(group_of)))
+    for rows in steps:
+        groups = set(group_of[rows].tolist())
+        assert len(groups) == 2
+        assert sorted(rows) == np.flatnonzero(np.isin(group_of, list(groups))).tolist()
+
+
+def _numbered_docs_of(n: int):
+    i = 0
+    while True:
+        batch = docs(n, 30, seed=i)
+        for j, d in enumerate(batch):
+            d["answers"] = [f"a{n * i + j}"]
+        yield batch
+        i += 1
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "reward"])
+def test_filter_metric_chooses_what_dynamic_sampling_filters_on(tmp_path, metric):
+    """The reward spreads within even documents' groups, the accuracy within odd ones': the
+    kept groups follow rl.filter_metric. The trajectories carry both values."""
+    def reward_fn(t):
+        doc, member = int(t.ground_truths[0][1:]), t.trajectory_id % 2
+        return (float(member), 1.0) if doc % 2 == 0 else (0.5, float(member))
+
+    cfg = _cfg(tmp_path, "rl.train_batch_size=1", "rl.gen_batch_size=2", "rl.mini_batch_size=1",
+               f"rl.filter_metric={metric}")
+    trainer = Trainer(cfg, tiny_model(), TOK, _numbered_docs(), reward_fn=reward_fn,
+                      generate_fn=_scripted_generate)
+    collected = trainer.collect()
+    trainer.close()
+    kept_docs = {int(t.ground_truths[0][1:]) % 2 for t in collected.batch.trajectories}
+    assert kept_docs == ({1} if metric == "accuracy" else {0})
+    for t in collected.batch.trajectories:
+        assert (t.reward, t.accuracy) == reward_fn(t)
+
+
+def test_unknown_filter_metric_is_a_clear_error(tmp_path):
+    cfg = _cfg(tmp_path, "rl.filter_metric=acc")
+    with pytest.raises(ValueError, match=r"rl.filter_metric='acc'.*\('accuracy', 'reward'\)"):
+        Trainer(cfg, tiny_model(), TOK, _numbered_docs(), generate_fn=_scripted_generate)

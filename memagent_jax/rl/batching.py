@@ -46,6 +46,20 @@ def global_denominator(mask: np.ndarray, agg: str) -> float:
     return float(aggregation_denominator(np.asarray(mask, np.float32), agg))
 
 
+def group_mini_batches(group_ids: np.ndarray, num_minis: int,
+                       rng: np.random.Generator) -> list[np.ndarray]:
+    """Row indices of `num_minis` mini-batches made of whole groups (rl.mini_batch_size groups
+    each): the groups in a random order, cut into equal parts; each mini-batch lists every row of
+    its groups (in row order), so a group's conversations are never split between optimizer
+    steps."""
+    groups = np.unique(group_ids)
+    if num_minis < 1 or len(groups) % num_minis:
+        raise ValueError(f"{len(groups)} groups cannot be cut into {num_minis} mini-batches of "
+                         "whole groups: rl.train_batch_size must be a multiple of rl.mini_batch_size")
+    order = rng.permutation(groups)
+    return [np.flatnonzero(np.isin(group_ids, part)) for part in np.split(order, num_minis)]
+
+
 def pack_micro_batches(lengths: np.ndarray, token_budget: int) -> list[np.ndarray]:
     """Splits row indices into micro-batches whose padded size rows * max_len <= token_budget
     (a single row longer than the budget gets its own micro-batch). Longest rows first."""

@@ -8,8 +8,9 @@ One RL step:
      to every conversation of the trajectory;
   3. old (and reference) log-probs with the training forward, unless one mini-batch and one
      epoch make the ratio exactly 1;
-  4. shuffled mini-batches of conversations -> token-budget micro-batches -> exact token-mean
-     gradient accumulation -> one optax step per mini-batch;
+  4. mini-batches of rl.mini_batch_size whole groups (shuffled; every conversation of a group in
+     the same one) -> token-budget micro-batches -> exact token-mean gradient accumulation ->
+     one optax step per mini-batch;
   5. metrics, async orbax checkpoint every `save_every` steps and on SIGTERM/SIGINT.
 Every random choice derives from (seed, RL step): generation batch b samples from the stream
 `seeds.derive(trainer.seed, step, b)`, the update shuffles with numpy's SeedSequence of the same;
@@ -44,6 +45,7 @@ from memagent_jax.rl import rewards as R
 from memagent_jax.rl.advantages import filter_groups, group_advantages, overlong_penalty, select_groups
 from memagent_jax.rl.batching import (
     global_denominator,
+    group_mini_batches,
     merge_kept,
     micro_batch_arrays,
     pack_micro_batches,
@@ -80,6 +82,11 @@ def default_reward_fn(kind: str) -> RewardFn:
     raise ValueError(f"unknown reward {kind!r}; expected boxed or sub_em")
 
 
+#: What dynamic sampling filters groups on (rl.filter_metric): the reward function's accuracy or
+#: its reward (before overlong shaping); a group whose metric has zero spread is dropped.
+FILTER_METRICS = ("accuracy", "reward")
+
+
 class DynamicSamplingError(RuntimeError):
     """Raised when max_num_gen_batches generation batches did not yield enough mixed groups."""
 
@@ -107,6 +114,9 @@ class Trainer:
                              f"rl.mini_batch_size={rl.mini_batch_size}")
         if not rl.filter_groups and rl.gen_batch_size != rl.train_batch_size:
             raise ValueError("without rl.filter_groups, rl.gen_batch_size must equal rl.train_batch_size")
+        if rl.filter_metric not in FILTER_METRICS:
+            raise ValueError(f"rl.filter_metric={rl.filter_metric!r}: dynamic sampling filters on "
+                             f"one of {FILTER_METRICS}; set rl.filter_metric to one of them")
         self.cfg, self.tokenizer, self.data, self.mesh = cfg, tokenizer, data, mesh
         self.data_state = data_state
         self.reward_fn = reward_fn or default_reward_fn(rl.reward)
@@ -227,10 +237,13 @@ class Trainer:
                 res.stats = _merge_stats([p.stats for p in parts])
             gen += 1
             scored = [self.reward_fn(t) for t in res.trajectories]
+            for t, (r_i, a_i) in zip(res.trajectories, scored):
+                t.reward, t.accuracy = float(r_i), float(a_i)
             reward = np.array([s[0] for s in scored], np.float32)
             acc = np.array([s[1] for s in scored], np.float32)
             groups = np.array([t.group_id for t in res.trajectories])
-            keep = filter_groups(acc, groups) if rl.filter_groups else np.ones(len(groups), bool)
+            metric = acc if rl.filter_metric == "accuracy" else reward
+            keep = filter_groups(metric, groups) if rl.filter_groups else np.ones(len(groups), bool)
             kept_groups += len(set(groups[keep].tolist()))
             results.append(res), keeps.append(keep), all_rewards.append(reward), all_acc.append(acc)
             stats.append(res.stats)
@@ -299,7 +312,7 @@ class Trainer:
         dens, norms, skipped = [], [], 0
         multiple = batch_multiple(self.mesh)
         for _ in range(rl.ppo_epochs):
-            for mini in np.array_split(rng.permutation(len(lengths)), self.num_minis):
+            for mini in group_mini_batches(batch.group_ids, self.num_minis, rng):
                 den = global_denominator(batch.response_mask[mini], rl.agg)
                 acc_grads, mini_sums = None, None
                 for rows in pack_micro_batches(lengths[mini], rl.micro_batch_tokens):
