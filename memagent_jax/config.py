@@ -48,7 +48,7 @@ class MeshSection:
 
 @dataclasses.dataclass
 class AgentSection:
-    """The memory workflow (REFERENCE.md section 1); defaults are MemAgent's released budgets."""
+    """The memory workflow (docs/reference.md section 1); defaults are MemAgent's released budgets."""
 
     policy: str = "overwrite"  # a registered name or "module.path:ClassName"
     policy_kwargs: dict = dataclasses.field(default_factory=dict)
@@ -56,7 +56,7 @@ class AgentSection:
     max_chunks: int = 8
     max_memory_tokens: int = 1024
     final_style: str = "boxed"  # boxed | answer_is
-    # Template overrides (empty = REFERENCE.md defaults); slots {prompt} {memory} {chunk}.
+    # Template overrides (empty = MemAgent's, docs/reference.md section 1); slots {prompt} {memory} {chunk}.
     memory_template: str = ""
     final_template: str = ""
     first_memory: str = ""
@@ -103,7 +103,7 @@ class OverlongSection:
 
 @dataclasses.dataclass
 class RLSection:
-    """DAPO / MemAgent RL knobs (REFERENCE.md sections 2-3)."""
+    """DAPO / MemAgent RL knobs (docs/reference.md sections 2-3)."""
 
     train_batch_size: int = 128  # groups (documents) per RL step
     gen_batch_size: int = 128  # documents per generation batch

@@ -222,7 +222,7 @@ def _mean(values: Sequence[float | None]) -> float | None:
 
 
 def render_report(results: Mapping[str, Any]) -> str:
-    """report.md: accuracy tables in the style of REFERENCE.md section 6 (rows task/policy,
+    """report.md: accuracy tables in the style of docs/reference.md section 6 (rows task/policy,
     columns lengths, then the row average over non-N/A cells), then the cost per sample."""
     cells = list(results["cells"].values())
     s = results.get("settings", {})

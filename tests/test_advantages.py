@@ -1,4 +1,4 @@
-"""Tests for memagent_jax.rl.advantages against plain-Python references of REFERENCE.md 2-3."""
+"""Tests for memagent_jax.rl.advantages against plain-Python references of docs/reference.md 2-3."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for memagent_jax.rl.loss against an independent numpy version of REFERENCE.md section 3."""
+"""Tests for memagent_jax.rl.loss against an independent numpy version of docs/reference.md section 3."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
 def ref_loss(logp, old, adv, mask, *, eps_low, eps_high, clip_c, agg, ref=None, kl_coef=0.0,
              entropy=None):  # fmt: skip
-    """Per-token loops over REFERENCE.md's formulas, float64."""
+    """Per-token loops over docs/reference.md's formulas, float64."""
     B, T = logp.shape
     pg = np.zeros((B, T))
     kl = np.zeros((B, T))

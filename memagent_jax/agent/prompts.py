@@ -1,4 +1,4 @@
-"""Prompt templates of the memory agent (REFERENCE.md section 1) and token-spliced rendering.
+"""Prompt templates of the memory agent (docs/reference.md section 1) and token-spliced rendering.
 
 Templates are plain data. Placeholders are the literal substrings `{prompt}` (the question),
 `{memory}` and `{chunk}`; they are substituted by splitting, never with `str.format`, so literal
@@ -19,7 +19,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-# Byte-identical to REFERENCE.md section 1 (trailing space after `<problem>`, no final newline).
+# Byte-identical to MemAgent's released prompts (docs/reference.md section 1): the trailing space
+# after `<problem>`, no final newline.
 MEMORY_UPDATE_TEMPLATE = (
     "You are presented with a problem, a section of an article that may contain the answer to the "
     "problem, and a previous memory. Please read the provided section carefully and update the "

@@ -1,6 +1,6 @@
 """RULER-HotpotQA documents from a local HotpotQA file in the official distractor format.
 
-Recipe (REFERENCE.md section 5):
+Recipe (docs/reference.md section 5):
 
 - Pool = all unique paragraphs of the file, each rendered ``title + "\\n" + "".join(sentences)``
   (HotpotQA sentences carry their own leading spaces, so they are joined without a separator).

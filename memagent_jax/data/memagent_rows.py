@@ -1,6 +1,6 @@
 """MemAgent's released row format (parquet or jsonl), read into and written from sample dicts.
 
-One row per question (REFERENCE.md section 5)::
+One row per question (docs/reference.md section 5)::
 
     data_source:  "hotpotqa"
     prompt:       [{"role": "user", "content": question}]

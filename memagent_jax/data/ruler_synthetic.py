@@ -1,4 +1,4 @@
-"""RULER synthetic tasks (REFERENCE.md section 5): needle-in-a-haystack, variable tracking,
+"""RULER synthetic tasks (docs/reference.md section 5): needle-in-a-haystack, variable tracking,
 frequent-word extraction and SQuAD QA, generated to a target token length.
 
 ``generate(task, target_tokens, tokenizer, seed=...)`` returns a sample dict

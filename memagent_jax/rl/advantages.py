@@ -1,4 +1,4 @@
-"""Per-trajectory advantages, dynamic-sampling filters and overlong shaping (REFERENCE.md 2-3).
+"""Per-trajectory advantages, dynamic-sampling filters and overlong shaping (docs/reference.md 2-3).
 
 Everything here is plain numpy on host: it runs between the rollout and the train step, on one
 value per trajectory (or per response for `overlong_penalty`). Advantages are computed per

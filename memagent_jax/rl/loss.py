@@ -1,6 +1,6 @@
 """DAPO policy loss with dual clip, optional low-variance KL, three aggregation modes.
 
-REFERENCE.md section 3. Per response token, with the log-ratio clamped to [-20, 20] and
+docs/reference.md section 3. Per response token, with the log-ratio clamped to [-20, 20] and
 r = exp(logp - old_logp):
 
     A >= 0:  l = -A * min(r, 1 + eps_high)

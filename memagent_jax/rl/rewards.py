@@ -1,4 +1,4 @@
-"""Rewards and evaluation metrics (REFERENCE.md section 4).
+"""Rewards and evaluation metrics (docs/reference.md section 4).
 
 Two families:
 

@@ -67,7 +67,7 @@ RewardFn = Callable[[Trajectory], tuple[float, float]]  # -> (reward, accuracy)
 
 
 def default_reward_fn(kind: str) -> RewardFn:
-    """'boxed': the training verifier (REFERENCE.md section 4); 'sub_em': eval-style answer match."""
+    """'boxed': the training verifier (docs/reference.md section 4); 'sub_em': eval-style answer match."""
     if kind == "boxed":
         def boxed(t: Trajectory) -> tuple[float, float]:
             score = R.verify(t.answer_text, t.ground_truths)
