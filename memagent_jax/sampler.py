@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from memagent_jax.models.sharding import (
+    mesh_context,
     DECODE_RULES,
     batch_multiple,
     batch_sharding,
@@ -170,9 +171,10 @@ def _program(graphdef: Any, state: Any, prompt_ids: jax.Array, prompt_lens: jax.
     def constrain(x: jax.Array, sharding: Any) -> jax.Array:
         return x if mesh is None else jax.lax.with_sharding_constraint(x, sharding)
 
-    cache = KVCache.zeros(cfg, U, S)
-    logits_u, cache = _prefill(model, prompt_ids, prompt_lens, cache, prefill_chunk)
     cache_spec = None if mesh is None else cache_sharding(mesh, DECODE_RULES)
+    cache = KVCache.zeros(cfg, U, S)
+    cache = KVCache(constrain(cache.k, cache_spec), constrain(cache.v, cache_spec))
+    logits_u, cache = _prefill(model, prompt_ids, prompt_lens, cache, prefill_chunk)
     row_spec = None if mesh is None else batch_sharding(mesh, DECODE_RULES, 2)
     cache = KVCache(constrain(cache.k[:, row_to_unique], cache_spec),
                     constrain(cache.v[:, row_to_unique], cache_spec))
@@ -353,7 +355,8 @@ def generate(
         args = [from_process_local(a, batch_sharding(mesh, DECODE_RULES, a.ndim)) for a in args]
     STATS.calls += 1
     STATS.shapes.add((B, U, P, N))
-    tokens, logps, length = _compiled(graphdef, N, chunk, mesh)(graphdef, st, *args, params)
+    with mesh_context(mesh):
+        tokens, logps, length = _compiled(graphdef, N, chunk, mesh)(graphdef, st, *args, params)
     tokens, logps, length = (to_host(x)[first_row:first_row + B] for x in (tokens, logps, length))
 
     stop_set = set(int(e) for e in eos_ids)

@@ -51,7 +51,7 @@ def resolve(impl: str, platform: str | None = None, dtype: Any = jnp.bfloat16) -
         raise ValueError(f"model.attention={impl!r}; expected one of {ATTENTION_IMPLS}")
     if impl != "auto":
         return impl
-    platform = platform or jax.default_backend()
+    platform = platform or target_platform()
     if platform in ("gpu", "cuda"):
         return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "blocked"
     return "splash" if platform == "tpu" else "blocked"
@@ -86,34 +86,69 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return out.reshape(B, T, H * hd)
 
 
-@functools.lru_cache(maxsize=32)
-def _splash_kernel(heads: int, length: int, block: int, interpret: bool) -> Any:
+def _make_splash_kernel(heads: int, length: int, block: int, interpret: bool) -> Any:
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                           block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
                           block_kv_dq=block)
     mask = sa.MultiHeadMask([sa.CausalMask((length, length)) for _ in range(heads)])
-    with jax.ensure_compile_time_eval():  # concrete mask tables, reusable across traces (cached)
-        return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                  interpret=interpret)
+    return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                              interpret=interpret)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_splash_kernel(heads: int, length: int, block: int, interpret: bool) -> Any:
+    with jax.ensure_compile_time_eval():  # concrete mask tables, reusable across traces
+        return _make_splash_kernel(heads, length, block, interpret)
+
+
+def _splash_kernel(heads: int, length: int, block: int, interpret: bool) -> Any:
+    """The kernel for `heads` heads over `length` tokens. Without a mesh context its mask tables
+    are concrete and cached; under one (whose devices may be a TPU topology with no device to
+    hold them) they are built as constants of the program being traced."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return _cached_splash_kernel(heads, length, block, interpret)
+    return _make_splash_kernel(heads, length, block, interpret)
+
+
+def target_platform() -> str:
+    """The platform the program being traced is for: the devices of the context mesh
+    (`jax.set_mesh`, e.g. a TPU topology compiled from a CPU host), else the default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    platform = getattr(device, "platform", None)
+    return "gpu" if platform == "cuda" else platform or jax.default_backend()
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block: int = 128) -> jax.Array:
     """Causal attention with the Pallas splash kernel (TPU; interpret mode elsewhere). The
     sequence is zero-padded at the end to a multiple of the block (the kernel's tiles are
     multiples of 128 lanes; padding is causally after every real token, so it changes nothing);
-    k/v heads are repeated for grouped queries."""
+    k/v heads are repeated for grouped queries. Under a mesh context the kernel runs per shard
+    (`shard_map`: rows over the batch axes, heads over tensor): XLA cannot partition a Pallas
+    call and would otherwise gather every row and head onto each device."""
+    from memagent_jax.models.sharding import context_batch_axes, context_head_axis
+
     B, T, H, hd = q.shape
     K = k.shape[2]
     padded = -(-T // block) * block
-    pad = [(0, 0), (0, padded - T), (0, 0), (0, 0)]
-    q, k, v = (jnp.pad(x, pad) for x in (q * (1.0 / math.sqrt(hd)), k, v))
-    k, v = jnp.repeat(k, H // K, axis=2), jnp.repeat(v, H // K, axis=2)
-    kernel = _splash_kernel(H, padded, block, jax.default_backend() != "tpu")
-    heads_first = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  [B, H, T, hd]
-    out = jax.vmap(kernel)(heads_first(q), heads_first(k), heads_first(v))
-    return heads_first(out)[:, :T].reshape(B, T, H * hd).astype(q.dtype)
+    interpret = target_platform() != "tpu"
+
+    def local(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        h, kv = q.shape[2], k.shape[2]
+        pad = [(0, 0), (0, padded - T), (0, 0), (0, 0)]
+        q, k, v = (jnp.pad(x, pad) for x in (q * (1.0 / math.sqrt(hd)), k, v))
+        k, v = jnp.repeat(k, h // kv, axis=2), jnp.repeat(v, h // kv, axis=2)
+        kernel = _splash_kernel(h, padded, block, interpret)
+        heads_first = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  [B, H, T, hd]
+        out = jax.vmap(kernel)(heads_first(q), heads_first(k), heads_first(v))
+        return heads_first(out)[:, :T].astype(q.dtype)
+
+    batch, heads = context_batch_axes(B), context_head_axis(H, K)
+    if batch or heads:
+        spec = jax.sharding.PartitionSpec(batch or None, None, heads, None)
+        local = jax.shard_map(local, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
+    return local(q, k, v).reshape(B, T, H * hd)
 
 
 def block_rows(length: int) -> int:

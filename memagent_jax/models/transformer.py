@@ -19,6 +19,7 @@ from flax import nnx
 
 from memagent_jax.models.attention import causal_attention, xla_attention
 from memagent_jax.models.model_config import ModelConfig, dtype_from_name
+from memagent_jax.models.sharding import constrain_batch
 
 
 class KVCache(NamedTuple):
@@ -257,7 +258,7 @@ class Decoder(nnx.Module):
         offset = jnp.zeros((B,), jnp.int32) if cache_index is None else cache_index.astype(jnp.int32)
         if positions is None:
             positions = offset[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-        x = self.embed[...][input_ids].astype(dtype)
+        x = constrain_batch(self.embed[...][input_ids].astype(dtype))
         inv_freq = jnp.asarray(rope_inv_freq(cfg))
         layer_params = {
             path.split("/", 1)[1]: getattr(self.layers, path.split("/", 1)[1])[...]
@@ -275,6 +276,7 @@ class Decoder(nnx.Module):
 
         def block(carry: Any, xs: Any) -> tuple[Any, None]:
             h, ck, cv = carry
+            h = constrain_batch(h)  # the layer's input keeps the batch sharding (sharding.py)
             p, i = xs
             a = rms_norm(h, p["input_norm"], cfg.rms_norm_eps)
             q = mm(a, p["q_proj"].astype(dtype))
@@ -302,7 +304,7 @@ class Decoder(nnx.Module):
             h = h + mm(att, p["o_proj"].astype(dtype))
             m = rms_norm(h, p["post_norm"], cfg.rms_norm_eps)
             gated = jax.nn.silu(mm(m, p["gate_proj"].astype(dtype))) * mm(m, p["up_proj"].astype(dtype))
-            h = h + mm(gated, p["down_proj"].astype(dtype))
+            h = constrain_batch(h + mm(gated, p["down_proj"].astype(dtype)))
             return (h, ck, cv), None
 
         carry = (x, None if cache is None else cache.k, None if cache is None else cache.v)

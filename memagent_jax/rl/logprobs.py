@@ -1,7 +1,10 @@
 """Per-token log-probs (and entropies) from the training forward, chunked over the sequence.
 
 The [B, T, V] fp32 logits never exist at once: hidden states are computed for the whole
-sequence, then the LM head runs over slices of `chunk` positions. Each slice is one fused
+sequence, then the LM head runs over slices of positions holding about `chunk` TOKENS per device
+(rows on this device x positions; `rl.logprob_chunk`), so a micro-batch of many short rows gets
+as small a logits slice as one long row (a chunk counted in positions made a 64-row x 256-position
+micro-batch of Qwen2.5-7B hold 4.6 GiB of fp32 logits per buffer on v5p). Each slice is one fused
 function with its own backward (`_head`): the forward keeps only each position's log-sum-exp
 and entropy; the backward recomputes the slice's logits once and forms d loss / d logits in
 closed form (softmax minus one-hot for the log-prob, -p (log p + H) for the entropy), so no
@@ -16,6 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from memagent_jax.models.sharding import batch_shards
 from memagent_jax.models.transformer import Decoder
 
 
@@ -69,14 +73,15 @@ def token_logprobs(
     """logp[b, t] = log softmax(logits[b, t-1] / T)[tokens[b, t]] for t >= 1; logp[:, 0] = 0.
 
     Returns (logp [B, T] fp32, entropy [B, T] fp32 or None). Entropy is of the same tempered
-    distribution, at the position predicting token t.
+    distribution, at the position predicting token t. `chunk`: tokens per device per slice of
+    the LM head (positions = chunk // rows on one device, at least 1).
     """
     B, T = tokens.shape
     hidden, _ = model.hidden_states(tokens)
     hidden = hidden[:, :-1]  # position t-1 predicts token t
     targets = tokens[:, 1:]
     n = T - 1
-    chunk = max(1, min(chunk, n))
+    chunk = max(1, min(chunk // max(1, B // batch_shards(B)), n))  # tokens -> positions
     pad = (-n) % chunk
     if pad:
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))

@@ -91,7 +91,7 @@ class SFTSettings:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     seed: int = 0
-    logprob_chunk: int = 256
+    logprob_chunk: int = 2048  # tokens per device per LM-head slice (rows x positions)
     pad_multiple: int = 32  # batches are padded to a multiple of this length (few programs compile)
 
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from memagent_jax.models.sharding import constrain_params
 from memagent_jax.rl.logprobs import token_logprobs
 from memagent_jax.rl.loss import policy_loss_sum
 
@@ -43,7 +44,7 @@ class LossSettings:
     entropy_coef: float = flax.struct.field(pytree_node=False, default=0.0)
     temperature: float = flax.struct.field(pytree_node=False, default=1.0)
     tis_cap: float = flax.struct.field(pytree_node=False, default=0.0)
-    logprob_chunk: int = flax.struct.field(pytree_node=False, default=256)
+    logprob_chunk: int = flax.struct.field(pytree_node=False, default=2048)
 
 
 def make_optimizer(lr: float, warmup_steps: int, steps_per_rl_step: int, *, b1: float = 0.9,
@@ -120,7 +121,7 @@ def micro_batch_grads(graphdef: Any, params: Any, batch: dict[str, jax.Array],
                       ) -> tuple[Any, dict[str, jax.Array]]:
     """Gradient of numerator / global denominator for one micro-batch, and its metric sums."""
     grads, aux = jax.grad(_loss, has_aux=True)(params, graphdef, batch, denominator, settings)
-    return grads, aux
+    return constrain_params(grads, nnx.merge(graphdef, params).config), aux
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
