@@ -74,9 +74,12 @@ class RolloutSection:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    max_rows_per_call: int = 0  # cap on rows of one sampler call (0 = all active rows at once)
+    # Conversations decoded at once: the continuous engine's slots (KV-cache rows) and the static
+    # path's rows per sampler call; 0 = all of a turn's (gen_batch_size x group_size). `plan` and
+    # `compile` size the rollout by this same key (plan.rollout_rows).
+    max_rows_per_call: int = 64
     engine: str = "continuous"  # continuous (memagent_jax.engine) | static (one batched call per turn)
-    engine_slots: int = 64  # continuous: decode slots (KV cache rows)
+    engine_prefill_rows: int = 0  # continuous: requests prefilled per engine call (0 = all free slots)
     engine_max_len: int = 0  # continuous: cache positions per slot (0 = bound from agent budgets)
     engine_decode_steps: int = 32  # continuous: decode steps per engine call
 
@@ -124,7 +127,7 @@ class RLSection:
     overlong: OverlongSection = dataclasses.field(default_factory=OverlongSection)
     overlong_filter: bool = False
     tis_cap: float = 0.0  # truncated importance sampling cap vs sampler log-probs; 0 = off
-    logprob_chunk: int = 256
+    logprob_chunk: int = 2048  # tokens per device per LM-head slice (rows x positions)
     reward: str = "boxed"  # boxed | sub_em
 
 
@@ -207,6 +210,15 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     return value
 
 
+def turn_rows(cfg: Config) -> int:
+    """Conversations decoded at once as the config asks (before rounding to the mesh):
+    rollout.max_rows_per_call, or all of a turn's (gen_batch_size x group_size) when 0. The
+    engine's slots and the static path's rows per call both come from here."""
+    full = cfg.rl.gen_batch_size * cfg.rollout.group_size
+    cap = cfg.rollout.max_rows_per_call
+    return min(cap, full) if cap > 0 else full
+
+
 # Keys that configs once had: setting one is an error that says what replaced it.
 REMOVED_KEYS: dict[str, str] = {
     # Accepted and never read: the trainer runs no validation pass.
@@ -214,6 +226,8 @@ REMOVED_KEYS: dict[str, str] = {
                                "validated at temperature 1.0)",
     "rollout.val_top_p": "memagent-jax eval --top-p P on the exported model (MemAgent validated at "
                          "top_p 0.7)",
+    "rollout.engine_slots": "rollout.max_rows_per_call (one key now sizes the engine's slots and the "
+                            "static path's rows per call, as plan and compile count them)",
 }
 
 
@@ -336,7 +350,7 @@ POSITIVE_SETTINGS: dict[str, str] = {
     "rl.mini_batch_size": "documents per optimizer step",
     "rl.micro_batch_tokens": "tokens per micro-batch",
     "rl.ppo_epochs": "epochs per RL step",
-    "rl.logprob_chunk": "positions per log-prob chunk",
+    "rl.logprob_chunk": "tokens per device per log-prob chunk (rows x positions)",
 }
 
 

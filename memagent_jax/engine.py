@@ -36,7 +36,9 @@ import numpy as np
 from flax import nnx
 
 from memagent_jax.distributed import allgather_ints, from_process_local, process_offsets
-from memagent_jax.models.sharding import DECODE_RULES, batch_multiple, batch_sharding, cache_sharding
+from memagent_jax.models.sharding import (
+    DECODE_RULES, batch_multiple, batch_sharding, cache_sharding, mesh_context,
+)
 from memagent_jax.models.transformer import Decoder, KVCache
 from memagent_jax.sampler import (
     MAX_STOP_IDS, _argmax, _pow2_bucket, _prefill, bucket, decode_state, filter_logits,
@@ -125,9 +127,11 @@ def _sample_rows(logits: jax.Array, keys: jax.Array, step: jax.Array, s: dict[st
 
 
 def _slot_shardings(slots: dict[str, Any], mesh: Any) -> dict[str, Any]:
-    """Slot arrays on `mesh`: caches by the decode cache rule, the rest batch-major."""
+    """Slot arrays (or their (shape, dtype) specs) on `mesh`: caches by the decode cache rule,
+    the rest batch-major."""
+    ndim = lambda x: len(x[0]) if isinstance(x, tuple) else x.ndim  # noqa: E731
     return {name: cache_sharding(mesh, DECODE_RULES) if name in ("k", "v")
-            else batch_sharding(mesh, DECODE_RULES, x.ndim) for name, x in slots.items()}
+            else batch_sharding(mesh, DECODE_RULES, ndim(x)) for name, x in slots.items()}
 
 
 def _constrain(slots: dict[str, jax.Array], mesh: Any) -> dict[str, jax.Array]:
@@ -146,11 +150,23 @@ def _prefill_program(graphdef: Any, state: Any, slots: dict[str, jax.Array], ids
     model = nnx.merge(graphdef, state)
     U, P = ids.shape
     cache = KVCache.zeros(model.config, U, P)
+    if mesh is not None:  # the prompts' cache split like the slots' (else XLA may replicate it)
+        cache = KVCache(*(jax.lax.with_sharding_constraint(x, cache_sharding(mesh, DECODE_RULES))
+                          for x in cache))
     logits_u, cache = _prefill(model, ids, lens, cache, chunk)
     out = dict(slots)
     put = lambda a, v: a.at[slot_idx].set(v, mode="drop")  # noqa: E731
-    out["k"] = slots["k"].at[:, slot_idx, :P].set(cache.k[:, row_to_unique], mode="drop")
-    out["v"] = slots["v"].at[:, slot_idx, :P].set(cache.v[:, row_to_unique], mode="drop")
+    cache_spec = None if mesh is None else cache_sharding(mesh, DECODE_RULES)
+
+    def insert(layer: jax.Array, kv: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        # one layer at a time: the rows gathered for the scatter into other devices' slots are
+        # one layer's (all-gathered rows x prompt), not every layer's (7 GiB for Qwen2.5-7B at 64 rows)
+        out_kv = tuple(dst.at[layer, slot_idx, :P].set(src[layer][row_to_unique], mode="drop")
+                       for dst, src in zip(kv, cache))
+        return tuple(x if cache_spec is None else jax.lax.with_sharding_constraint(x, cache_spec)
+                     for x in out_kv)
+
+    out["k"], out["v"] = jax.lax.fori_loop(0, model.config.num_layers, insert, (slots["k"], slots["v"]))
     out["logits"] = put(slots["logits"], logits_u[row_to_unique])
     out["plen"] = put(slots["plen"], lens[row_to_unique])
     out["step"] = put(slots["step"], jnp.zeros_like(slot_idx))
@@ -213,6 +229,38 @@ def _jitted_decode(steps: int, mesh: Any) -> Any:
                    donate_argnums=2)
 
 
+def slot_specs(config: Any, slots: int, max_len: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """(shape, dtype) of every slot array: the KV cache of `slots` rows x `max_len` positions,
+    each row's next-token logits, sampling state and parameters, tokens and log-probs so far."""
+    cache = (config.num_layers, slots, max_len, config.num_kv_heads, config.head_dim)
+    from memagent_jax.models.model_config import dtype_from_name
+
+    S, W = slots, max_len
+    return dict(
+        k=(cache, dtype_from_name(config.dtype)), v=(cache, dtype_from_name(config.dtype)),
+        logits=((S, config.vocab_size), jnp.float32), plen=((S,), jnp.int32),
+        step=((S,), jnp.int32), active=((S,), jnp.bool_), keys=((S, 2), jnp.uint32),
+        temperature=((S,), jnp.float32), top_p=((S,), jnp.float32), top_k=((S,), jnp.int32),
+        max_new=((S,), jnp.int32), stop_ids=((S, MAX_STOP_IDS), jnp.int32),
+        tokens=((S, W), jnp.int32), logps=((S, W), jnp.float32))
+
+
+def abstract_slots(config: Any, slots: int, max_len: int, mesh: Any) -> dict[str, jax.ShapeDtypeStruct]:
+    """The slot arrays as ShapeDtypeStructs on `mesh` (for ahead-of-time compiling)."""
+    specs = slot_specs(config, slots, max_len)
+    shardings = _slot_shardings(specs, mesh)
+    return {n: jax.ShapeDtypeStruct(shape, dt, sharding=shardings[n]) for n, (shape, dt) in specs.items()}
+
+
+def abstract_new_rows(rows: int, mesh: Any) -> dict[str, jax.ShapeDtypeStruct]:
+    """The prefill program's per-row keys and sampling parameters as ShapeDtypeStructs."""
+    specs = dict(keys=((rows, 2), jnp.uint32), temperature=((rows,), jnp.float32),
+                 top_p=((rows,), jnp.float32), top_k=((rows,), jnp.int32),
+                 max_new=((rows,), jnp.int32), stop_ids=((rows, MAX_STOP_IDS), jnp.int32))
+    return {n: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sharding(mesh, DECODE_RULES, len(shape)))
+            for n, (shape, dt) in specs.items()}
+
+
 # ------------------------------------------------------------------------------------ the engine
 class Engine:
     """Continuous batching over `slots` (rounded up to a power of two) cache rows of `max_len`.
@@ -229,6 +277,7 @@ class Engine:
     def __init__(self, model: Decoder, *, slots: int = 16, max_len: int = 1024,
                  decode_steps: int = 32, prefill_chunk: int = 512, vocab_limit: int | None = None,
                  share_prefill: bool = True, state: tuple[Any, Any] | None = None,
+                 prefill_rows: int = 0,
                  mesh: jax.sharding.Mesh | None = None) -> None:
         cfg = model.config
         if max_len < 2 or max_len > cfg.max_position_embeddings:
@@ -243,6 +292,9 @@ class Engine:
         self.num_slots = self.local_slots * self.procs
         self.max_len, self.decode_steps = int(max_len), int(decode_steps)
         self.prefill_chunk, self.share_prefill = int(prefill_chunk), share_prefill
+        # requests prefilled per program call (0 = every free slot at once); bounds the prefill's
+        # activations, which grow with rows x prompt length
+        self.prefill_rows = int(prefill_rows) // self.procs if prefill_rows else self.local_slots
         self.vocab_limit = np.int32(vocab_limit or cfg.vocab_size)
         self.graphdef, self.state = state if state is not None else decode_state(model, mesh)
         self._queue: collections.deque[tuple[int, Request]] = collections.deque()
@@ -253,25 +305,11 @@ class Engine:
         self._slots = self._empty_slots()
 
     def _empty_slots(self) -> dict[str, jax.Array]:
-        S, W, cfg = self.num_slots, self.max_len, self.config
-        cache = KVCache.zeros(cfg, S, W)
-        slots = dict(
-            k=cache.k, v=cache.v, logits=jnp.zeros((S, cfg.vocab_size), jnp.float32),
-            plen=jnp.ones((S,), jnp.int32), step=jnp.zeros((S,), jnp.int32),
-            active=jnp.zeros((S,), bool), keys=jnp.zeros((S, 2), jnp.uint32),
-            temperature=jnp.zeros((S,), jnp.float32), top_p=jnp.ones((S,), jnp.float32),
-            top_k=jnp.zeros((S,), jnp.int32), max_new=jnp.ones((S,), jnp.int32),
-            stop_ids=jnp.full((S, MAX_STOP_IDS), -1, jnp.int32),
-            tokens=jnp.zeros((S, W), jnp.int32), logps=jnp.zeros((S, W), jnp.float32),
-        )
+        specs = slot_specs(self.config, self.num_slots, self.max_len)
         if self.mesh is None:
-            return slots
-        shardings = _slot_shardings(slots, self.mesh)
-        if self.procs == 1:
-            return jax.device_put(slots, shardings)
-        shapes = {n: jax.ShapeDtypeStruct(x.shape, x.dtype) for n, x in slots.items()}
-        del slots
-        return jax.jit(lambda: {n: jnp.zeros(x.shape, x.dtype) for n, x in shapes.items()},
+            return {n: jnp.zeros(shape, dt) for n, (shape, dt) in specs.items()}
+        shardings = _slot_shardings(specs, self.mesh)
+        return jax.jit(lambda: {n: jnp.zeros(shape, dt) for n, (shape, dt) in specs.items()},
                        out_shardings=shardings)()
 
     def submit(self, request: Request) -> int:
@@ -307,7 +345,8 @@ class Engine:
         """The queued requests that fit the free slots: (batch, unique prompts, row -> unique
         prompt, free local slots)."""
         free = [i for i, o in enumerate(self._slot_owner) if o is None]
-        batch = [self._queue.popleft() for _ in range(min(len(free), len(self._queue)))]
+        batch = [self._queue.popleft()
+                 for _ in range(min(len(free), len(self._queue), max(1, self.prefill_rows)))]
         prompts = [list(map(int, r.prompt)) for _, r in batch]
         if self.share_prefill:
             unique: dict[tuple[int, ...], int] = {}
@@ -368,7 +407,8 @@ class Engine:
         if self.procs > 1:  # every process's rows, concatenated along the batch axis
             args = jax.tree.map(lambda a: from_process_local(a, batch_sharding(self.mesh, DECODE_RULES, a.ndim)),
                                 args)
-        self._slots = _jitted_prefill(chunk, self.mesh)(self.graphdef, self.state, self._slots, *args)
+        with mesh_context(self.mesh):
+            self._slots = _jitted_prefill(chunk, self.mesh)(self.graphdef, self.state, self._slots, *args)
 
     def _local_rows(self, names: Sequence[str], slots: Sequence[int] | None = None) -> list[np.ndarray]:
         """This process's rows of the slot arrays `names` (local slot order), or the given local
@@ -425,8 +465,9 @@ class Engine:
             self._refill(plan, rows_max, unique_max, longest)
             stop_early = np.bool_(queued > 0)
             STATS.decode_calls += 1
-            self._slots, info = _jitted_decode(self.decode_steps, self.mesh)(
-                self.graphdef, self.state, self._slots, self.vocab_limit, stop_early)
+            with mesh_context(self.mesh):
+                self._slots, info = _jitted_decode(self.decode_steps, self.mesh)(
+                    self.graphdef, self.state, self._slots, self.vocab_limit, stop_early)
             iters, occupied = (int(x) for x in np.asarray(info.addressable_data(0)))  # replicated
             STATS.decode_steps += iters
             STATS.active_slot_steps += occupied

@@ -39,7 +39,7 @@ Train step (TRAIN_RULES layout; one micro-batch of r rows x W tokens per device,
     then the larger of the two backward phases (they do not overlap):
       layer   tok*a_tok + scores*(10 + cb) + 3 * one layer's weights * cb / t
               (one layer recomputed with its cotangents; all-gathered weights)
-      logits  r * min(rl.logprob_chunk, W) * V/t * 12 + (1 or 2) * V*D*cb / t
+      logits  c * V/t * 12 + (1 or 2) * V*D*cb / t,  c = r * max(1, min(rl.logprob_chunk // r, W))
               (one log-prob chunk's backward: logits, probabilities and d logits, fp32
               [r, chunk, V] each; the gathered head)
     the gathered-weight terms apply when f > 1 or the param and compute dtypes differ.
@@ -75,7 +75,7 @@ import numbers
 from pathlib import Path
 from typing import Any
 
-from memagent_jax.config import Config, load_config
+from memagent_jax.config import Config, load_config, turn_rows
 from memagent_jax.errors import InputError
 from memagent_jax.models.attention import block_rows, query_blocks
 from memagent_jax.models.model_config import ModelConfig
@@ -273,11 +273,12 @@ def activation_bytes(model: ModelConfig, rows: int, width: int, tensor: int, log
     layer_weights = sum(math.prod(s) for p, s in param_shapes(model).items() if p.startswith("layers/"))
     heads = 1 if model.tie_word_embeddings else 2
     layer_phase = layer + (cb * 3 * (layer_weights // L) // t if gathered else 0)
-    logits_phase = (rows * min(logprob_chunk, width) * (V // t) * 12
+    positions = max(1, min(logprob_chunk // rows, width))  # rl.logprob_chunk: tokens per device
+    logits_phase = (rows * positions * (V // t) * 12
                     + (cb * heads * V * D // t if gathered else 0))
     phase = (("backward of one layer: recompute + cotangents (+ gathered weights)", layer_phase)
              if layer_phase >= logits_phase else
-             (f"log-prob chunk {rows}x{min(logprob_chunk, width)} x vocab, fp32 x3 (+ gathered head)",
+             (f"log-prob chunk {rows}x{positions} x vocab, fp32 x3 (+ gathered head)",
               logits_phase))
     return [
         (f"activations saved by the scan, {L} layers (remat={model.remat})", saved),
@@ -323,6 +324,11 @@ def train_phase(cfg: Config, model: ModelConfig, mesh: tuple[int, int, int], hbm
     rows, width, length = micro_batch_shape(cfg, d * f, model, t, gathered)
     params = weight_bytes(model, mesh, TRAIN_RULES, _BYTES[model.param_dtype])
     acts = activation_bytes(model, rows, width, t, cfg.rl.logprob_chunk, gathered)
+    if model.param_dtype != model.dtype:
+        # XLA hoists the layers' cast to the compute dtype out of the layer loop: every weight's
+        # shard once more in that dtype (seen in the TPU compiler's buffer assignment)
+        acts.insert(0, (f"weights cast to {model.dtype} (sharded, hoisted out of the layer loop)",
+                        params * _BYTES[model.dtype] // _BYTES[model.param_dtype]))
     items = _state_items(cfg, model, mesh)
     notes = [f"micro-batch: {rows} row(s) x {width} tokens per device (conversations of "
              f"{length} tokens, rl.micro_batch_tokens={cfg.rl.micro_batch_tokens})"]
@@ -337,8 +343,66 @@ def train_phase(cfg: Config, model: ModelConfig, mesh: tuple[int, int, int], hbm
     return PhasePlan("train step", items, hbm, notes), shape
 
 
+def _decode_copy(model: ModelConfig, mesh: tuple[int, int, int]) -> tuple[str, int]:
+    """The rollout's weights: DECODE_RULES (replicated over fsdp), cast to the compute dtype
+    (sampler.decode_state); none when that is the training layout and dtype already."""
+    if mesh[1] == 1 and model.param_dtype == model.dtype:
+        return "decode weights (the train weights: same layout and dtype)", 0
+    return (f"decode weights ({model.dtype}, DECODE_RULES: replicated over fsdp)",
+            weight_bytes(model, mesh, DECODE_RULES, _BYTES[model.dtype]))
+
+
+def engine_rollout_phase(cfg: Config, model: ModelConfig, mesh: tuple[int, int, int], hbm: int,
+                         rows: int) -> tuple[PhasePlan, dict[str, int]]:
+    """The continuous engine's rollout: its slot arrays (KV cache of `rows` slots x the engine's
+    KV length, logits, tokens) resident between its two programs, plus the larger working set of
+    prefill (rollout.engine_prefill_rows requests: their prompt cache, one layer's rows gathered
+    for the scatter into the slots, one layer's forward activations) and decode (one layer's
+    cache read, its scores, the logits)."""
+    d, f, t = mesh
+    L, D, F, H, K, hd, V = (model.num_layers, model.hidden_size, model.intermediate_size,
+                            model.num_heads, model.num_kv_heads, model.head_dim, model.vocab_size)
+    cb = _BYTES[model.dtype]
+    prompt, _, max_len = rollout_lengths(cfg, model.max_position_embeddings)
+    shards = d * f
+    slots = rollout_rows(cfg, mesh, rows)
+    per_dev = slots // shards
+    prefill_rows = min(slots, rollout_rows(cfg, mesh, cfg.rollout.engine_prefill_rows)
+                       if cfg.rollout.engine_prefill_rows else slots)
+    P = min(bucket(prompt), max_len)
+    kv_token = 2 * L * (K // t) * hd * cb  # one token's keys and values, all layers, this device
+    kv = per_dev * max_len * kv_token
+    slot_rest = per_dev * (V * 4 + max_len * 8 + 64)  # logits, tokens + log-probs, sampling state
+    tokens = prefill_rows // shards * P
+    act_tok = 4 * D * cb + 2 * F * cb // t + 2 * (H + 2 * K) * hd * cb // t
+    prefill = tokens * kv_token + prefill_rows * P * kv_token // L + tokens * act_tok
+    decode = kv // (2 * L) + 2 * per_dev * (H // t) * max_len * 4 + 4 * per_dev * V * 4
+    if K // t == 1:
+        # one kv head per tensor shard: the TPU compiler copies the whole cache (k and v) in the
+        # decode loop instead of updating it in place (seen in its buffer assignment; 2 kv heads
+        # per shard, as in every shipped config, update in place)
+        decode += 2 * kv
+    items = _state_items(cfg, model, mesh)
+    items.append(_decode_copy(model, mesh))
+    items.append((f"engine slots: KV cache {per_dev} slots/device x {max_len} ({model.dtype}) + "
+                  "logits, tokens", kv + slot_rest))
+    step, which = max((prefill, f"prefill of {prefill_rows} requests x {P}: prompt cache, "
+                                "one layer gathered, activations"),
+                      (decode, "decode step: one layer's cache, scores, logits"))
+    items.append((f"peak beyond it, {which}", step))
+    notes = [f"{slots} engine slots ({per_dev} per device) x {max_len} KV positions; "
+             f"{prefill_rows} requests per prefill call, prompts up to {P} tokens",
+             f"working set: prefill {fmt_gib(prefill)} | decode {fmt_gib(decode)} GiB"]
+    shape = {"rows": slots, "rows_per_device": per_dev, "cache_length": max_len, "prompt_bucket": P,
+             "new_tokens": max_len - P, "prefill_rows": prefill_rows}
+    return PhasePlan("rollout (continuous engine)", items, hbm, notes), shape
+
+
 def rollout_phase(cfg: Config, model: ModelConfig, mesh: tuple[int, int, int], hbm: int,
                   rows: int) -> tuple[PhasePlan, dict[str, int]]:
+    """The rollout phase of the configured engine (static: one sampler.generate call of `rows`)."""
+    if cfg.rollout.engine != "static":
+        return engine_rollout_phase(cfg, model, mesh, hbm, rows)
     d, f, t = mesh
     L, H, K, hd, V = (model.num_layers, model.num_heads, model.num_kv_heads, model.head_dim,
                       model.vocab_size)
@@ -360,8 +424,7 @@ def rollout_phase(cfg: Config, model: ModelConfig, mesh: tuple[int, int, int], h
     gather = 2 * kv  # U-row and B-row caches (U = B)
     decode = kv + kv // L + 8 * per_dev * (V // t) * 4
     items = _state_items(cfg, model, mesh)
-    decode_copy = 0 if f == 1 else weight_bytes(model, mesh, DECODE_RULES, _BYTES[model.param_dtype])
-    items.append(("decode weights (DECODE_RULES copy, replicated over fsdp)", decode_copy))
+    items.append(_decode_copy(model, mesh))
     step, which = max((prefill, "prefill: unique-prompt cache + scores"),
                       (gather, "row gather: unique-prompt + row caches"), (decode, "decode step"))
     items.append((f"KV cache: {per_dev} rows/device x {S} slots ({model.dtype})", kv))
@@ -374,12 +437,18 @@ def rollout_phase(cfg: Config, model: ModelConfig, mesh: tuple[int, int, int], h
     return PhasePlan("rollout", items, hbm, notes), shape
 
 
-def _rollout_rows(cfg: Config, rollout_rows: int | None) -> int:
-    if rollout_rows:
-        return rollout_rows
-    cap = cfg.rollout.max_rows_per_call
-    full = cfg.rl.gen_batch_size * cfg.rollout.group_size
-    return min(cap, full) if cap else full
+def rollout_rows(cfg: Config, mesh: tuple[int, int, int], rows: int | None = None) -> int:
+    """Rows of the rollout program that runs: `rows` (default `turn_rows(cfg)`) rounded up to a
+    power-of-two multiple of the batch shards, as the engine and the sampler round them."""
+    return _pow2_multiple(rows or turn_rows(cfg), mesh[0] * mesh[1])
+
+
+def rollout_lengths(cfg: Config, window: int | None = None) -> tuple[int, int, int]:
+    """(longest prompt, longest reply, engine KV positions per slot): rollout.engine_max_len, or
+    the longest conversation bucketed (capped at the model's `window`)."""
+    prompt, new, longest = conversation_lengths(cfg)
+    max_len = cfg.rollout.engine_max_len or bucket(longest)
+    return prompt, new, min(max_len, window) if window else max_len
 
 
 def max_rollout_rows(cfg: Config, model: ModelConfig, mesh: tuple[int, int, int], hbm: int) -> int:
@@ -408,7 +477,7 @@ def plan(cfg: Config, devices: int, hbm_gib: float, *, hf_config: dict | None = 
                          "set mesh.data / mesh.fsdp / mesh.tensor to one of suggest_meshes(...)")
     hbm = int(hbm_gib * GIB)
     train, mb = train_phase(cfg, model, mesh, hbm)
-    rollout, rs = rollout_phase(cfg, model, mesh, hbm, _rollout_rows(cfg, rollout_rows))
+    rollout, rs = rollout_phase(cfg, model, mesh, hbm, rollout_rows or turn_rows(cfg))
     report = PlanReport(name, model, devices, hbm_gib, tuple(mesh), train, rollout, mb, rs,
                         max_rollout_rows(cfg, model, mesh, hbm))
     if suggest:
@@ -487,12 +556,26 @@ def format_plan(report: PlanReport, max_suggestions: int = 5) -> str:
     return "\n".join(lines)
 
 
+def compare_line(formulas: PlanReport, compiled: Any) -> str:
+    """`plan` (formulas) vs the compiler's phase peaks, per device: one line."""
+    parts = []
+    for phase, mine in (("train", formulas.train.total), ("rollout", formulas.rollout.total)):
+        theirs = compiled.phase_peak(phase)
+        parts.append(f"{phase} {fmt_gib(mine)} vs {fmt_gib(theirs)} GiB "
+                     f"({(mine / theirs - 1) if theirs else 0:+.1%})")
+    return "formulas vs compiler: " + "; ".join(parts)
+
+
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `memagent-jax plan CONFIG [key=value ...] --devices N --hbm-gib G`."""
+    """Arguments of `memagent-jax plan CONFIG [key=value ...] (--devices N --hbm-gib G | --topology T)`."""
     parser.add_argument("config", help="a YAML file or a name under configs/")
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
-    parser.add_argument("--devices", type=int, required=True, help="number of accelerators")
-    parser.add_argument("--hbm-gib", type=float, required=True, help="memory per accelerator, GiB")
+    parser.add_argument("--devices", type=int, default=None, help="number of accelerators")
+    parser.add_argument("--hbm-gib", type=float, default=None, help="memory per accelerator, GiB")
+    parser.add_argument("--topology", default=None,
+                        help="a TPU slice or topology (v5p-32, v5p:2x2x4): with libtpu installed the "
+                             "figures come from the TPU compiler (`memagent-jax compile`), else from "
+                             "the formulas with that slice's devices and HBM")
 
 
 def check_devices(devices: Any, hbm_gib: Any) -> None:
@@ -507,8 +590,37 @@ def check_devices(devices: Any, hbm_gib: Any) -> None:
 
 
 def run_plan_cli(args: argparse.Namespace) -> int:
-    """Prints the plan table; exit status 0 if both phases fit, 1 if not."""
+    """Prints the plan table; exit status 0 if both phases fit, 1 if not. With --topology and
+    libtpu installed, the phase totals are the TPU compiler's (the line `source:` says which)."""
+    if args.topology:
+        from memagent_jax.tpu_topology import KINDS, parse_topology
+
+        kind, shape = parse_topology(args.topology)
+        chips = math.prod(shape)
+        try:
+            import libtpu  # noqa: F401
+        except ImportError:
+            per_chip = 2 if kind.name in ("v4", "tpu7x") else 1  # devices per chip (tpu_topology)
+            args.devices = chips * per_chip
+            args.hbm_gib = KINDS[kind.name].hbm_gib_per_chip / per_chip
+            print("source: formulas (libtpu not installed: pip install 'libtpu==0.0.42.*' to ask "
+                  "the TPU compiler)")
+        else:
+            from memagent_jax.compile import compile_rl_step, format_report
+
+            cfg = load_config(args.config, list(args.overrides or []))
+            report = compile_rl_step(cfg, args.topology, config_name=str(args.config))
+            print("source: the TPU compiler (libtpu), per-device peaks of every program")
+            print(format_report(report))
+            formulas = plan(cfg, report.target.devices, report.target.hbm_bytes / GIB,
+                            mesh=report.mesh, suggest=False)
+            print(compare_line(formulas, report))
+            return 0 if report.ok else 1
+    if args.devices is None or args.hbm_gib is None:
+        raise InputError("plan needs the accelerators", None,
+                         "pass --devices N --hbm-gib G, or --topology T for a TPU slice")
     check_devices(args.devices, args.hbm_gib)  # before reading any config
     report = plan(load_config(args.config, list(args.overrides or [])), args.devices, args.hbm_gib)
     print(format_plan(report))
+    print("source: formulas (--topology T with libtpu installed asks the TPU compiler)")
     return 0 if report.fits else 1

@@ -197,7 +197,7 @@ def test_trainer_collect_on_engine_equals_static(tmp_path):
             "agent.max_memory_tokens=4", "agent.max_final_new_tokens=4", "agent.question_budget=16",
             "rollout.group_size=3", "rl.train_batch_size=2", "rl.gen_batch_size=2",
             "rl.mini_batch_size=2", f"trainer.out_dir={tmp_path / out}", "trainer.progress=false",
-            "trainer.async_checkpoint=false", f"rollout.engine={engine}", "rollout.engine_slots=4"])
+            "trainer.async_checkpoint=false", f"rollout.engine={engine}", "rollout.max_rows_per_call=4"])
         stream = iter([docs(2, n, seed=1) for n in (30, 20, 40, 25)])
         trainer = Trainer(cfg, tiny_model(seed=5), tok, stream,
                           reward_fn=lambda t: (float(t.trajectory_id % 2),) * 2)

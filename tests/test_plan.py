@@ -31,7 +31,7 @@ SMALL = [
     "agent.max_final_new_tokens=10",
     "rl.micro_batch_tokens=800", "rl.logprob_chunk=64", "rl.kl_coef=0.0",
     "rl.gen_batch_size=2", "rl.train_batch_size=2", "rl.mini_batch_size=1", "rollout.group_size=4",
-    "mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1",
+    "mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1", "rollout.engine=static",
 ]
 
 
@@ -80,7 +80,7 @@ def test_small_config_by_hand():
     assert prefill > 2 * kv                              # larger than the gather's two caches
     decode_copy = (1000 * 64 * 2 + 64 + 2 * layer_weights) * 4   # DECODE_RULES: not sharded
     ritems = dict(report.rollout.items)
-    assert ritems["decode weights (DECODE_RULES copy, replicated over fsdp)"] == decode_copy
+    assert ritems["decode weights (float32, DECODE_RULES: replicated over fsdp)"] == decode_copy
     assert report.rollout.total == 3 * params + 64 + decode_copy + prefill == 12070976
 
     # Verdict with 10% headroom.

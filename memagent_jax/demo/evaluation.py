@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from memagent_jax.config import turn_rows
 from memagent_jax.rl import rewards as R
 
 
@@ -114,7 +115,7 @@ def evaluate_policies(run: Any) -> dict[str, Any]:
                                ("full_context", run.path("pretrain", "hf"), full)):
         model = from_pretrained(path)
         if run.cfg.rollout.engine == "continuous":  # the config's rollout engine, as the RL stage
-            gen = engine_generate_fn(model, tok, slots=run.cfg.rollout.engine_slots,
+            gen = engine_generate_fn(model, tok, slots=turn_rows(run.cfg),
                                      max_len=model.config.max_position_embeddings,
                                      temperature=d.eval_temperature, top_p=d.eval_top_p)
         else:

@@ -35,12 +35,12 @@ from memagent_jax.agent.prompts import builder_from_config
 from memagent_jax.agent.rollout import RolloutResult, engine_generate_fn, rollout
 from memagent_jax.agent.window import engine_max_len
 from memagent_jax.checkpoint import RunCheckpointer, StopSignal
-from memagent_jax.config import Config, save_config
+from memagent_jax.config import Config, save_config, turn_rows
 from memagent_jax.distributed import (
     allgather_objects, global_array, global_max, process_offsets, to_host,
 )
 from memagent_jax.metrics import MetricsWriter
-from memagent_jax.models.sharding import batch_multiple, batch_sharding
+from memagent_jax.models.sharding import batch_multiple, batch_sharding, mesh_context
 from memagent_jax.rl import rewards as R
 from memagent_jax.rl.advantages import filter_groups, group_advantages, overlong_penalty, select_groups
 from memagent_jax.rl.batching import (
@@ -191,8 +191,9 @@ class Trainer:
         if r.engine != "continuous":
             raise ValueError(f"rollout.engine={r.engine!r}: expected 'static' or 'continuous'")
         return engine_generate_fn(
-            model, tok, slots=r.engine_slots, max_len=r.engine_max_len or self._engine_max_len(model),
-            decode_steps=r.engine_decode_steps, static_fn=generate, mesh=mesh,
+            model, tok, slots=turn_rows(self.cfg), max_len=r.engine_max_len or self._engine_max_len(model),
+            decode_steps=r.engine_decode_steps, prefill_rows=r.engine_prefill_rows,
+            static_fn=generate, mesh=mesh,
             temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
 
     def _engine_max_len(self, model: Any) -> int:
@@ -361,9 +362,10 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         t0 = time.perf_counter()
-        collected = self.collect()
-        t_rollout = time.perf_counter() - t0
-        metrics = self.update(collected)
+        with mesh_context(self.mesh):  # activations keep their batch sharding (sharding.py)
+            collected = self.collect()
+            t_rollout = time.perf_counter() - t0
+            metrics = self.update(collected)
         s = collected.rollout_stats
         metrics.update({
             "reward/mean": float(collected.rewards.mean()),
