@@ -67,7 +67,7 @@ def evaluate_policies(run: Any) -> dict[str, Any]:
 
     from memagent_jax.agent.memory import make_policy
     from memagent_jax.agent.rollout import engine_generate_fn, rollout, sampler_generate_fn
-    from memagent_jax.demo.pipeline import agent_parts
+    from memagent_jax.demo.run import agent_parts
     from memagent_jax.demo.task import read_jsonl
     from memagent_jax.models import from_pretrained
     from memagent_jax.tokenizer import load_tokenizer
