@@ -555,10 +555,19 @@ def fit_agent_to_window(args: argparse.Namespace, tokenizer: Any, window: int, *
 
 def run_eval_cli(args: argparse.Namespace) -> dict[str, Any]:
     """`memagent-jax eval`: load the model and tokenizer from args.model, evaluate, print the report."""
-    from memagent_jax.checks import load_checked
     from memagent_jax.models.model_config import dtype_from_name
+    from memagent_jax.run_lock import run_folder_lock
 
     tasks, lengths, dtype = _check_tasks(_names(args.tasks)), parse_lengths(args.lengths), dtype_from_name(args.dtype)
+    with run_folder_lock(args.out):  # one evaluation per --out folder (run_lock.py)
+        return _run_eval_locked(args, tasks, lengths, dtype)
+
+
+def _run_eval_locked(args: argparse.Namespace, tasks: list[str], lengths: list[int], dtype: Any
+                     ) -> dict[str, Any]:
+    """`run_eval_cli` while it holds the --out folder's lock."""
+    from memagent_jax.checks import load_checked
+
     model, tokenizer = load_checked(args.model, dtype=dtype)  # files are checked before the weights load
     agent = fit_agent_to_window(args, tokenizer, model.config.max_position_embeddings,
                                 source=str(Path(args.model) / "config.json"))

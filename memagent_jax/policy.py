@@ -20,9 +20,12 @@ from memagent_jax.tokenizer import load_tokenizer
 
 
 def init_distributed(cfg: Config) -> None:
-    """jax.distributed.initialize from config (or auto-detection on TPU / SLURM) when needed."""
+    """jax.distributed.initialize from config (or auto-detection on TPU / SLURM) when needed;
+    a second call (the run-folder lock needs it before `make_trainer` calls it) does nothing."""
     d = cfg.distributed
     if d.num_processes <= 1 and not d.coordinator_address and not d.auto:
+        return
+    if jax.distributed.is_initialized():
         return
     # Must not touch the backend (jax.default_backend() would initialise it, and initialize()
     # then refuses). The CPU collectives setting only affects the CPU client: harmless elsewhere.

@@ -35,15 +35,25 @@ def make_trainer(cfg: Config, *, reward_fn: RewardFn | None = None, model: Any =
 
 
 def run_training(cfg: Config, *, reward_fn: RewardFn | None = None) -> str:
-    """Trains, then exports the final policy to `<out_dir>/hf` (process 0). Returns the status."""
-    trainer = make_trainer(cfg, reward_fn=reward_fn)
-    try:
-        save_run_base(trainer.model(), trainer.tokenizer, cfg.trainer.out_dir)
-        status = trainer.run()
-        if status == "done":
-            export_model(trainer.model(), trainer.tokenizer, Path(cfg.trainer.out_dir) / "hf", agent=cfg.agent)
-    finally:
-        trainer.close()
+    """Trains, then exports the final policy to `<out_dir>/hf` (process 0). Returns the status.
+
+    The run folder is locked for the whole run (`run_lock.py`; process 0 holds it): a second run
+    on the same `trainer.out_dir` stops with `RunFolderBusy` before it writes anything.
+    """
+    from memagent_jax.run_lock import run_folder_lock
+
+    validate_config(cfg)  # before the lock: a bad config fails the same way, busy folder or not
+    init_distributed(cfg)
+    with run_folder_lock(cfg.trainer.out_dir, collective=True):
+        trainer = make_trainer(cfg, reward_fn=reward_fn)
+        try:
+            save_run_base(trainer.model(), trainer.tokenizer, cfg.trainer.out_dir)
+            status = trainer.run()
+            if status == "done":
+                export_model(trainer.model(), trainer.tokenizer, Path(cfg.trainer.out_dir) / "hf",
+                             agent=cfg.agent)
+        finally:
+            trainer.close()
     return status
 
 

@@ -203,24 +203,26 @@ def stage_sft(run: Run) -> dict[str, Any]:
 
 def stage_rl(run: Run) -> dict[str, Any]:
     from memagent_jax.rl.trainer import DynamicSamplingError
+    from memagent_jax.run_lock import run_folder_lock
     from memagent_jax.train_run import export_model, make_trainer
 
     cfg = rl_config(run)
     # The RL stage as a plain `memagent-jax train` config (e.g. for launch/local_multihost.sh).
     save_config(cfg, run.path("rl", "train_config.yaml"))
-    trainer = make_trainer(cfg)
-    stopped = ""
-    try:
+    with run_folder_lock(cfg.trainer.out_dir):  # also keeps a `train` of train_config.yaml out
+        trainer = make_trainer(cfg)
+        stopped = ""
         try:
-            status = trainer.run()
-        except DynamicSamplingError as e:  # every group all-right or all-wrong: keep what we have
-            warnings.warn(f"RL stopped after {trainer.rl_step} steps: {e}", stacklevel=1)
-            status, stopped = "done", str(e)
-        if status != "done":
-            raise KeyboardInterrupt(f"RL interrupted at step {trainer.rl_step}; rerun the demo to resume")
-        export_model(trainer.model(), trainer.tokenizer, run.path("hf"), agent=cfg.agent)
-    finally:
-        trainer.close()
+            try:
+                status = trainer.run()
+            except DynamicSamplingError as e:  # every group all-right or all-wrong: keep what we have
+                warnings.warn(f"RL stopped after {trainer.rl_step} steps: {e}", stacklevel=1)
+                status, stopped = "done", str(e)
+            if status != "done":
+                raise KeyboardInterrupt(f"RL interrupted at step {trainer.rl_step}; rerun the demo to resume")
+            export_model(trainer.model(), trainer.tokenizer, run.path("hf"), agent=cfg.agent)
+        finally:
+            trainer.close()
     return {"rl_steps": trainer.rl_step, "stopped_early": stopped}
 
 
@@ -279,6 +281,8 @@ def run_demo(out_dir: str | Path = "runs/demo", fresh: bool = False, config: str
     """
     from rich.console import Console
 
+    from memagent_jax.run_lock import run_folder_lock
+
     console = Console(stderr=True)
     if until is not None and until not in STAGES:
         raise ValueError(f"--until {until!r}: not a stage; stages are {', '.join(STAGES)}")
@@ -286,9 +290,21 @@ def run_demo(out_dir: str | Path = "runs/demo", fresh: bool = False, config: str
         raise ValueError("--ship-base ships a base trained in this run: add --from-scratch")
     cfg, demo = load_demo_config(config, [*(overrides or []), *(["demo.from_scratch=true"] if from_scratch else [])])
     root = Path(out_dir)
-    if fresh and root.exists():
-        shutil.rmtree(root)
-    run = Run(root, cfg, demo)
+    with run_folder_lock(root) as lock:  # one demo per run folder (run_lock.py)
+        if fresh:  # everything but the lock this run holds
+            for p in root.iterdir():
+                if lock is None or p != lock.path:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        return _run_stages(Run(root, cfg, demo), console, until=until, ship_base=ship_base,
+                           command=shlex.join(["memagent-jax", "demo", "--out", str(out_dir),
+                                               *(["--config", str(config)] if config else []),
+                                               "--from-scratch", "--ship-base", *(overrides or [])]))
+
+
+def _run_stages(run: Run, console: Any, *, until: str | None, ship_base: bool, command: str
+                ) -> dict[str, Any]:
+    """`run_demo`'s stages, while it holds the run folder's lock; `command`: the one that ships
+    the base (its provenance)."""
     _check_config(run)
     statuses: dict[str, str] = {}
     upstream_ran = False
@@ -309,9 +325,6 @@ def run_demo(out_dir: str | Path = "runs/demo", fresh: bool = False, config: str
         statuses[stage] = "ran"
         upstream_ran = True
         if stage == "pretrain" and ship_base:
-            command = shlex.join(["memagent-jax", "demo", "--out", str(out_dir), *(["--config", str(config)] if config
-                                                                                  else []),
-                                  "--from-scratch", "--ship-base", *(overrides or [])])
             _ship(run, seconds, console, command)
         if stage == until:
             return {"stages": statuses, "summary": None}
