@@ -1,9 +1,11 @@
 """Up-front checks of user input (files and numbers), each failing with one `InputError` that names
 the input and the fix, before anything large is loaded or anything is written.
 
-- `check_text_file`: a document path is a readable file (not a directory, not missing).
+- `check_text_file`: a document path is a readable file (not a directory, not missing);
+  `read_text_document`: its text, which must be UTF-8.
 - `check_model_dir`: config.json parses, the safetensors headers are whole (a truncated or corrupt
-  file is caught here, naming it), and a sharded index only points at files inside the folder.
+  file is caught here, naming it), every tensor is a float type (not a quantized checkpoint), and
+  a sharded index only points at files inside the folder.
 - `check_vocab`: every id the tokenizer can produce has a row in the model's embedding matrix.
 """
 
@@ -18,6 +20,9 @@ from typing import Any
 from memagent_jax.errors import InputError
 
 _MAX_HEADER = 100 << 20  # safetensors caps the JSON header at 100 MB
+#: safetensors dtypes the loader reads (cast to the configured param dtype); any other dtype (I8,
+#: U8, I32 of packed int4, F8_*) is a quantized checkpoint, which the decoder cannot run.
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 def check_text_file(path: str | os.PathLike[str], flag: str = "--doc") -> Path:
@@ -29,6 +34,21 @@ def check_text_file(path: str | os.PathLike[str], flag: str = "--doc") -> Path:
     if not p.is_file():
         raise InputError(f"{flag}: no such file", p, f"pass an existing text file to {flag}")
     return p
+
+
+def read_text_document(path: str | os.PathLike[str], flag: str = "--doc") -> str:
+    """The text of a UTF-8 file (a leading BOM dropped); InputError naming the file and the first
+    bad byte otherwise (a Latin-1 or UTF-16 file, or a binary one, read with replacement
+    characters would give a plausible answer about a garbled document)."""
+    p = check_text_file(path, flag)
+    raw = p.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        bad = raw.decode("utf-8", errors="replace").count("\ufffd")
+        raise InputError(f"{flag} is not UTF-8 text ({e.reason} at byte {e.start}; {bad} undecodable "
+                         "bytes or sequences)", p,
+                         f"convert it to UTF-8, e.g. iconv -f latin1 -t utf-8 {p} > {p.stem}.utf8.txt") from None
 
 
 def read_json_file(path: Path, what: str = "config.json") -> dict[str, Any]:
@@ -45,6 +65,16 @@ def read_json_file(path: Path, what: str = "config.json") -> dict[str, Any]:
         raise InputError(f"{what} must hold a JSON object, got {type(data).__name__}", path,
                          "restore the file from the checkpoint")
     return data
+
+
+def check_weight_dtype(name: str, dtype: str, file: str | os.PathLike[str] | None) -> None:
+    """InputError unless the safetensors dtype of weight `name` is a float type (see FLOAT_DTYPES):
+    casting int8/uint8/packed-int4 values to floats would run a garbage model without a word."""
+    if str(dtype).upper() not in FLOAT_DTYPES:
+        raise InputError(
+            f"weight {name!r} has dtype {dtype}, not a float type: quantized checkpoints "
+            "(int8/uint8/int4-packed, fp8; GPTQ, AWQ, bitsandbytes) are not supported", file,
+            "use the unquantized checkpoint (float32, bfloat16 or float16 safetensors)")
 
 
 def check_safetensors(path: Path) -> None:
@@ -78,6 +108,7 @@ def check_safetensors(path: Path) -> None:
         if offsets[1] > data_bytes:
             raise InputError(f"tensor {name!r} ends at byte {offsets[1]} of the data but the file "
                              f"holds {data_bytes} data bytes", path, fix)
+        check_weight_dtype(name, entry.get("dtype", "?"), path)
 
 
 def check_model_dir(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -159,6 +190,46 @@ def load_checked(model_dir: str | os.PathLike[str], tokenizer_dir: str | os.Path
         raise InputError(f"unreadable weights ({e})", d,
                          "the safetensors files are corrupt: download or export them again") from None
     return model, tokenizer
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a number >= 0 (--temperature: 0 is greedy; below 0 would silently be greedy)."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{value} is below 0: pass 0 (greedy) or more")
+    return value
+
+
+def probability(text: str) -> float:
+    """argparse type: a number in (0, 1] (--top-p: 1 is off; 0 or above 1 would silently be
+    greedy or off)."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not in (0, 1]: pass e.g. 0.95 (1 = off)")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0 (--top-k: 0 is off)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is below 0: pass 0 (off) or more")
+    return value
 
 
 def positive_int(text: str) -> int:

@@ -28,17 +28,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_document(path: str) -> str:
-    """A text file as str; invalid UTF-8 is replaced (with a warning), never an error."""
-    raw = Path(path).read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        warnings.warn(f"{path} is not valid UTF-8 ({e.reason} at byte {e.start}); "
-                      "undecodable bytes were replaced with U+FFFD", stacklevel=2)
-        return raw.decode("utf-8", errors="replace")
-
-
 #: The `answer` flags that set each budget (named in window-fit errors).
 ANSWER_FLAGS = {"chunk_size": "--chunk-size", "question_budget": "--question-budget",
                 "memory_tokens": "--max-memory-tokens", "answer_tokens": "--max-answer-tokens"}
@@ -59,15 +48,14 @@ def _cmd_answer(args: argparse.Namespace) -> int:
     from memagent_jax.agent.prompts import builder_from_config
     from memagent_jax.agent.rollout import engine_generate_fn, rollout, sampler_generate_fn
     from memagent_jax.agent.window import default_budget, engine_max_len, fit_window, full_context_tokens
-    from memagent_jax.checks import check_text_file, load_checked
+    from memagent_jax.checks import load_checked, read_text_document
     from memagent_jax.errors import InputError
     from memagent_jax.rl.rewards import answer_is_extract, boxed_answer
 
     console = Console(stderr=True)
     if not args.question.strip():
         raise InputError("--question is empty", None, 'ask a question, e.g. --question "Who wrote it?"')
-    check_text_file(args.doc, "--doc")
-    doc = read_document(args.doc)
+    doc = read_text_document(args.doc, "--doc")  # a file of UTF-8 text, else one error naming it
     if not doc.strip():
         warnings.warn(f"{args.doc} is empty: the agent answers from the first memory", stacklevel=1)
     model, tokenizer = load_checked(args.model)
@@ -195,7 +183,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `memagent-jax` argument parser (every command also takes --debug)."""
-    from memagent_jax.checks import positive_int
+    from memagent_jax.checks import non_negative_float, positive_int, probability
 
     p = argparse.ArgumentParser(prog="memagent-jax", description=__doc__)
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -249,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--enable-thinking", action=argparse.BooleanOptionalAction, default=None,
                    help="let a Qwen3 model think (default: the folder's, else non-thinking prompts); "
                         "thinking is never kept in the memory")
-    a.add_argument("--temperature", type=float, default=0.0)
-    a.add_argument("--top-p", type=float, default=1.0)
+    a.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
+    a.add_argument("--top-p", type=probability, default=1.0, help="in (0, 1]; 1 = off (default)")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--engine", default="continuous", choices=["continuous", "static"],
                    help="the continuous-batching engine (default) or the static sampler")

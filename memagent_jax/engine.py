@@ -87,6 +87,14 @@ class Request:
     top_k: int = 0
     stop_ids: Sequence[int] = ()
 
+    def __post_init__(self) -> None:  # as the static sampler checks them: never a silent greedy
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+
 
 @dataclasses.dataclass
 class Result:

@@ -450,6 +450,9 @@ def parse_lengths(text: str) -> list[int]:
             out.append(int(round(float(number) * scale)))
         except ValueError as e:
             raise ValueError(f"bad length {part!r} in --lengths {text!r}: want e.g. 8K,16K or 50,100") from e
+        if out[-1] < 1:
+            raise ValueError(f"bad length {part!r} in --lengths {text!r}: lengths are positive "
+                             "(tokens for RULER tasks, documents for hotpotqa), e.g. 8K,16K or 50,100")
     if not out:
         raise ValueError(f"--lengths {text!r} names no length")
     return out
@@ -461,7 +464,7 @@ def _names(text: str) -> list[str]:
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the `memagent-jax eval` options to `parser` (see `run_eval_cli`)."""
-    from memagent_jax.checks import positive_int
+    from memagent_jax.checks import non_negative_float, non_negative_int, positive_int, probability
 
     a = parser.add_argument
     a("--model", required=True, help="HF model directory (config.json, safetensors, tokenizer files)")
@@ -470,9 +473,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
       help="comma-separated lengths: tokens for RULER tasks (8K = 8192), documents for hotpotqa (50,100)")
     a("--num-samples", type=positive_int, default=128, help="samples per (task, length) (default 128)")
     a("--out", required=True, help="output folder; rerunning with the same settings resumes")
-    a("--temperature", type=float, default=0.7)
-    a("--top-p", type=float, default=0.95)
-    a("--top-k", type=int, default=0)
+    a("--temperature", type=non_negative_float, default=0.7, help="0 = greedy (default 0.7)")
+    a("--top-p", type=probability, default=0.95, help="in (0, 1]; 1 = off (default 0.95)")
+    a("--top-k", type=non_negative_int, default=0, help="0 = off (default)")
     a("--seed", type=int, default=0)
     # Agent settings: a flag left out takes the model folder's (memagent_agent.json), else the default.
     a("--policy", default=None,

@@ -152,6 +152,49 @@ def test_numeric_flags_must_be_positive(good_model, doc, capsys):
     assert "argument --chunk-size: 0 is not a positive number" in capsys.readouterr().err
 
 
+def test_doc_that_is_not_utf8_names_the_file(good_model, tmp_path, capsys):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("Le code secret est 42, déjà noté. ".encode("latin-1") * 3)
+    assert error_of(answer(good_model, latin1), capsys) == (
+        f"--doc is not UTF-8 text (invalid continuation byte at byte 24; 9 undecodable bytes or "
+        f"sequences) ({latin1}): convert it to UTF-8, e.g. iconv -f latin1 -t utf-8 {latin1} > "
+        "latin1.utf8.txt")
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(bytes(range(256)))
+    assert error_of(answer(good_model, binary), capsys).startswith(f"--doc is not UTF-8 text (invalid start byte at byte 128")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "-1"], "argument --temperature: -1.0 is below 0: pass 0 (greedy) or more"),
+    (["--top-p", "0"], "argument --top-p: 0.0 is not in (0, 1]"),
+    (["--top-p", "1.5"], "argument --top-p: 1.5 is not in (0, 1]"),
+])
+def test_sampling_flags_out_of_range_are_errors_not_silent_greedy(flags, message, good_model, doc, capsys):
+    for argv in ([*answer(good_model, doc), *flags],
+                 ["eval", "--model", str(good_model), "--tasks", "vt", "--lengths", "100", "--out", "x", *flags]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_eval_lengths_must_be_positive(good_model, tmp_path, capsys):
+    msg = error_of(["eval", "--model", str(good_model), "--tasks", "vt", "--lengths", "8K,0",
+                    "--out", str(tmp_path / "eval")], capsys)
+    assert msg.startswith("bad length '0' in --lengths '8K,0': lengths are positive")
+    assert not (tmp_path / "eval").exists()
+
+
+def test_engine_requests_check_sampling_settings():
+    from memagent_jax.engine import Request
+
+    for kwargs, message in (({"temperature": -0.5}, "temperature must be >= 0"),
+                            ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+                            ({"top_k": -1}, "top_k must be >= 0")):
+        with pytest.raises(ValueError, match=message):
+            Request(prompt=[1], max_new_tokens=1, key=None, **kwargs)
+
+
 # ----------------------------------------------------------------------------- model files
 
 
@@ -211,6 +254,45 @@ def test_weight_map_may_not_leave_the_model_folder(good_model, tmp_path, doc, ca
     assert error_of(answer(model, doc), capsys) == (
         f"the weight map points outside the model folder ('../elsewhere.safetensors') ({index}): "
         "weight files must be inside the model directory: fix the index")
+
+
+def _requantize(model: Path, name: str) -> None:
+    """Rewrites weight `name` of model.safetensors as int8 (as a quantized checkpoint stores it)."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(model / "model.safetensors")
+    tensors[name] = np.clip(np.round(tensors[name] * 127), -127, 127).astype(np.int8)
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_quantized_weights_are_an_error_naming_the_weight_and_dtype(good_model, tmp_path, doc, capsys):
+    model = _copy(good_model, tmp_path / "int8")
+    _requantize(model, "model.layers.0.mlp.down_proj.weight")
+    weights = model / "model.safetensors"
+    expected = ("weight 'model.layers.0.mlp.down_proj.weight' has dtype I8, not a float type: quantized "
+                "checkpoints (int8/uint8/int4-packed, fp8; GPTQ, AWQ, bitsandbytes) are not supported "
+                f"({weights}): use the unquantized checkpoint (float32, bfloat16 or float16 safetensors)")
+    assert error_of(answer(model, doc), capsys) == expected
+    msg = error_of(["eval", "--model", str(model), "--tasks", "vt", "--lengths", "100",
+                    "--out", str(tmp_path / "eval")], capsys)
+    assert msg == expected and not (tmp_path / "eval").exists()
+    # the loader itself (train's model.path goes straight to it) refuses it too
+    from memagent_jax.models import from_pretrained
+
+    with pytest.raises(InputError, match=r"weight 'model.layers.0.mlp.down_proj.weight' has dtype I8"):
+        from_pretrained(model)
+
+
+def test_quantization_config_is_an_error_naming_config_json(good_model, tmp_path, doc, capsys):
+    model = _copy(good_model, tmp_path / "gptq")
+    config = model / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()),
+                                  "quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    assert error_of(answer(model, doc), capsys) == (
+        "config.json has a quantization_config (quant_method 'gptq'): quantized checkpoints are not "
+        "supported; use the unquantized checkpoint (float32, bfloat16 or float16 safetensors) "
+        f"({config}): use a Qwen2/Qwen3/Llama config.json as transformers writes it")
 
 
 # ----------------------------------------------------------------------------- --debug

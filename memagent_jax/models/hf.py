@@ -125,7 +125,10 @@ def _reader(files: _WeightFiles, hf_keys: list[str], transpose: bool, shape: tup
 
 
 def _check_shapes(files: _WeightFiles, config: ModelConfig, path: Path) -> None:
-    """Every expected key exists and has the shape the config implies."""
+    """Every expected key exists, is a float tensor (not quantized) and has the shape the config
+    implies."""
+    from memagent_jax.checks import check_weight_dtype
+
     shapes = param_shapes(config)
     for ours, (keys, transpose) in _hf_keys(config).items():
         expected = shapes[ours][1:] if ours.startswith("layers/") else shapes[ours]
@@ -138,6 +141,7 @@ def _check_shapes(files: _WeightFiles, config: ModelConfig, path: Path) -> None:
                         "is not in the safetensors files"
                     )
                 raise KeyError(f"{path}: weight {key!r} (for {ours}) not found in the safetensors files")
+            check_weight_dtype(key, files.slice(key).get_dtype(), files.key_to_file[key])
             got = tuple(files.slice(key).get_shape())
             if got != expected:
                 raise ValueError(

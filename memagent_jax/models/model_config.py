@@ -261,6 +261,12 @@ def _sliding_layers(hf: dict[str, Any]) -> list[int]:
 
 def _check_unsupported(hf: dict[str, Any], arch: str) -> None:
     """Raises a ValueError naming the config.json field this decoder would silently get wrong."""
+    quant = hf.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+        raise ValueError(f"config.json has a quantization_config (quant_method {method!r}): quantized "
+                         "checkpoints are not supported; use the unquantized checkpoint (float32, "
+                         "bfloat16 or float16 safetensors)")
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"config.json hidden_act={act!r} is not supported: the MLP is SwiGLU "
