@@ -7,6 +7,10 @@ Submodules are imported lazily so `import memagent_jax` stays cheap:
 import importlib
 from typing import Any
 
+from memagent_jax.tpu_topology import quiet_libtpu_env
+
+quiet_libtpu_env()  # before jax starts: libtpu (the [test] extra, `compile`) stays silent on CPU hosts
+
 __version__ = "0.1.0"
 _SUBMODULES = ("models", "sampler", "rl", "agent", "data", "tokenizer", "config", "types")
 

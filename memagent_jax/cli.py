@@ -1,4 +1,4 @@
-"""`memagent-jax {demo,train,eval,answer,export,data,plan}` (also `python -m memagent_jax`)."""
+"""`memagent-jax {demo,train,eval,answer,export,data,plan,compile}` (also `python -m memagent_jax`)."""
 
 from __future__ import annotations
 
@@ -166,6 +166,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return run_plan_cli(args) or 0
 
 
+def _cmd_compile(args: argparse.Namespace) -> int:
+    from memagent_jax.compile import run_compile_cli
+
+    return run_compile_cli(args)
+
+
 def _cmd_data(args: argparse.Namespace) -> int:
     from memagent_jax.data.tfds_builders import build_dataset
 
@@ -275,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         pass
     pl.set_defaults(fn=_cmd_plan, _pairs="overrides")
+
+    c = add("compile", help="AOT-compile every program of an RL step for a TPU topology (no TPU needed)")
+    from memagent_jax.compile import add_compile_arguments
+
+    add_compile_arguments(c)
+    c.set_defaults(fn=_cmd_compile, _pairs="overrides")
     return p
 
 

@@ -10,6 +10,7 @@ test_readme_commands.py, which only parses); a line whose command breaks at run 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shlex
@@ -173,6 +174,19 @@ def test_every_readme_command_runs(tmp_path, capsys, base_dir):
     out, _ = run(fill(readme_line("plan"), {"CONFIG": ["qwen2_5_7b_memagent"], "N": ["8"], "G": ["80"],
                                          "key=value ...": ["rl.kl_coef=0.001"]}), capsys)
     assert "GiB" in out
+
+    # compile: a small policy for 4 TPU v5p chips, through the TPU compiler (skipped without libtpu)
+    if importlib.util.find_spec("libtpu") is not None:
+        small = ("model.path=", "model.vocab_size=1024", "model.hidden_size=512", "model.num_heads=4",
+                 "model.num_kv_heads=4", "model.intermediate_size=512", "model.num_layers=1",
+                 "model.dtype=bfloat16", "model.remat=full", "mesh.fsdp=2", "mesh.tensor=2",
+                 "agent.chunk_size=256", "agent.max_memory_tokens=32", "agent.question_budget=32",
+                 "agent.max_final_new_tokens=32", "rl.micro_batch_tokens=2048", "rl.gen_batch_size=2",
+                 "rollout.group_size=2", "rl.train_batch_size=2", "rl.mini_batch_size=1")
+        out, _ = run(fill(readme_line("compile"), {"CONFIG": ["memagent"], "T": ["v5p:2x2x1"],
+                                                "key=value ...": [small]}), capsys)
+        report = json.loads(out)
+        assert report["ok"] and len(report["programs"]) == 6 and report["attention"] == "splash"
 
     # the global line: bad input is one line and exit 2; --debug raises with the traceback instead
     generic = LINES[0]
