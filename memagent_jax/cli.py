@@ -161,7 +161,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from memagent_jax.plan import run_plan_cli
+    from memagent_jax.plan_cli import run_plan_cli
 
     return run_plan_cli(args) or 0
 
@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = add("plan", help="per-device memory plan for a config; suggests mesh shapes")
     try:
-        from memagent_jax.plan import add_plan_arguments
+        from memagent_jax.plan_cli import add_plan_arguments
 
         add_plan_arguments(pl)
     except ImportError:

@@ -22,7 +22,6 @@ resulting peak, the compiler's FLOPs and bytes, and a verdict against the device
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
 from typing import Any, Callable
@@ -38,10 +37,10 @@ from memagent_jax.config import Config
 from memagent_jax.models.attention import resolve as resolve_attention
 from memagent_jax.models.model_config import ModelConfig
 from memagent_jax.models.sharding import (
-    DECODE_RULES, MESH_AXES, TRAIN_RULES, MeshConfig, batch_sharding, cache_sharding, mesh_context,
+    DECODE_RULES, MESH_AXES, TRAIN_RULES, MeshConfig, batch_sharding, mesh_context,
     param_shardings,
 )
-from memagent_jax.models.transformer import Decoder, KVCache
+from memagent_jax.models.transformer import Decoder
 from memagent_jax.plan import HEADROOM, rollout_lengths, micro_batch_shape, resolve_model, rollout_rows
 from memagent_jax.tpu_topology import Target, load_target
 

@@ -68,19 +68,20 @@ Conversation lengths: prompt = 200 (template + chat markup) + question_budget + 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import numbers
-from pathlib import Path
 from typing import Any
 
-from memagent_jax.config import Config, load_config, turn_rows
+from memagent_jax.config import Config, turn_rows
 from memagent_jax.errors import InputError
 from memagent_jax.models.attention import block_rows, query_blocks
 from memagent_jax.models.model_config import ModelConfig
-from memagent_jax.models.sharding import DECODE_RULES, MESH_AXES, TRAIN_RULES, MeshConfig
-from memagent_jax.models.transformer import param_logical_axes, param_shapes
+from memagent_jax.models.sharding import DECODE_RULES, TRAIN_RULES, MeshConfig
+from memagent_jax.model_shapes import (  # noqa: F401  (KNOWN_SHAPES, resolve_model: re-exported)
+    KNOWN_SHAPES, mesh_problem, resolve_model, weight_bytes,
+)
+from memagent_jax.models.transformer import param_shapes
 from memagent_jax.sampler import bucket
 
 GIB = 2**30
@@ -88,30 +89,6 @@ HEADROOM = 0.10
 TEMPLATE_OVERHEAD = 200  # memory-update template (~90 tokens) + Qwen system prompt + chat markup
 PREFILL_CHUNK = 512  # sampler.generate's default prefill_chunk
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-# Shapes only (for planning without the checkpoint); load real models from an HF directory.
-_QWEN2 = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}
-_QWEN3 = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}
-KNOWN_SHAPES: dict[str, dict[str, Any]] = {
-    "Qwen2.5-0.5B-Instruct": {**_QWEN2, "num_hidden_layers": 24, "hidden_size": 896,
-                              "num_attention_heads": 14, "num_key_value_heads": 2,
-                              "intermediate_size": 4864, "vocab_size": 151936,
-                              "tie_word_embeddings": True},
-    "Qwen2.5-7B-Instruct": {**_QWEN2, "num_hidden_layers": 28, "hidden_size": 3584,
-                            "num_attention_heads": 28, "num_key_value_heads": 4,
-                            "intermediate_size": 18944, "vocab_size": 152064,
-                            "tie_word_embeddings": False},
-    "Qwen2.5-14B-Instruct": {**_QWEN2, "num_hidden_layers": 48, "hidden_size": 5120,
-                             "num_attention_heads": 40, "num_key_value_heads": 8,
-                             "intermediate_size": 13824, "vocab_size": 152064,
-                             "tie_word_embeddings": False},
-    # Qwen3: head_dim 128 is set on its own (32 heads x 128 = 4096 != hidden 2560), q/k norm.
-    "Qwen3-4B": {**_QWEN3, "num_hidden_layers": 36, "hidden_size": 2560,
-                 "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
-                 "intermediate_size": 9728, "vocab_size": 151936, "tie_word_embeddings": True,
-                 "rope_theta": 1000000.0, "max_position_embeddings": 40960},
-}
-
 
 @dataclasses.dataclass
 class PhasePlan:
@@ -160,72 +137,6 @@ class PlanReport:
     @property
     def fits(self) -> bool:
         return self.train.fits and self.rollout.fits
-
-
-# ------------------------------------------------------------------------------ the model
-def resolve_model(cfg: Config, hf_config: dict | None = None) -> tuple[str, ModelConfig]:
-    """The policy's shape: model.path's config.json, else `hf_config`, else KNOWN_SHAPES by the
-    path's basename (a hub name such as Qwen/Qwen2.5-7B-Instruct), else model.* (random init)."""
-    m = cfg.model
-    dtypes = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, attention=m.attention)
-    path = Path(m.path) if m.path else None
-    if path is not None and (path / "config.json").is_file():
-        return str(path), ModelConfig.from_pretrained_dir(path, **dtypes)
-    if hf_config is not None:
-        return m.path or "hf_config", ModelConfig.from_hf_dict(hf_config, **dtypes)
-    if path is not None:
-        known = {k.lower(): k for k in KNOWN_SHAPES}
-        key = known.get(path.name.lower())
-        if key is None:
-            raise FileNotFoundError(
-                f"model.path={m.path!r}: no config.json there and {path.name!r} is not one of the "
-                f"built-in shapes {sorted(KNOWN_SHAPES)}; point model.path at a local HF directory "
-                "or pass hf_config")
-        return key, ModelConfig.from_hf_dict(KNOWN_SHAPES[key], **dtypes)
-    vocab = m.vocab_size
-    if vocab <= 0 and cfg.tokenizer:
-        from memagent_jax.tokenizer import load_tokenizer
-        vocab = load_tokenizer(cfg.tokenizer).vocab_size
-    if vocab <= 0:
-        raise ValueError("model.vocab_size=0 (the tokenizer's) and no tokenizer directory is set: "
-                         "pass model.vocab_size=N or tokenizer=DIR to plan a random-init model")
-    return "random-init", ModelConfig(
-        vocab_size=vocab, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-        num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
-        architecture=m.architecture, qkv_bias=m.architecture == "qwen2",
-        tie_word_embeddings=m.tie_word_embeddings, **dtypes)
-
-
-def _axes_size(sizes: dict[str, int], axes: Any) -> int:
-    if axes is None:
-        return 1
-    return math.prod(sizes[a] for a in ((axes,) if isinstance(axes, str) else axes))
-
-
-def mesh_problem(model: ModelConfig, mesh: tuple[int, int, int]) -> str | None:
-    """Why weights cannot be laid out on `mesh` (train or decode rules), or None if they can."""
-    sizes = dict(zip(MESH_AXES, mesh))
-    if model.num_kv_heads % sizes["tensor"]:
-        return f"tensor={sizes['tensor']} does not divide {model.num_kv_heads} kv heads"
-    shapes, axes = param_shapes(model), param_logical_axes(model)
-    for rules in (TRAIN_RULES, DECODE_RULES):
-        for path, names in axes.items():
-            for dim, name in zip(shapes[path], names):
-                n = _axes_size(sizes, rules.get(name)) if name else 1
-                if dim % n:
-                    return f"weight {path}: dimension {name} ({dim}) is not divisible by {n}"
-    return None
-
-
-def weight_bytes(model: ModelConfig, mesh: tuple[int, int, int], rules: Any, nbytes: int) -> int:
-    """Bytes of this device's shards of every weight under `rules` (ceil division per dim)."""
-    sizes = dict(zip(MESH_AXES, mesh))
-    shapes, axes = param_shapes(model), param_logical_axes(model)
-    total = 0
-    for path, names in axes.items():
-        total += math.prod(-(-dim // (_axes_size(sizes, rules.get(n)) if n else 1))
-                           for dim, n in zip(shapes[path], names))
-    return total * nbytes
 
 
 # --------------------------------------------------------------------------- the phases
@@ -556,28 +467,6 @@ def format_plan(report: PlanReport, max_suggestions: int = 5) -> str:
     return "\n".join(lines)
 
 
-def compare_line(formulas: PlanReport, compiled: Any) -> str:
-    """`plan` (formulas) vs the compiler's phase peaks, per device: one line."""
-    parts = []
-    for phase, mine in (("train", formulas.train.total), ("rollout", formulas.rollout.total)):
-        theirs = compiled.phase_peak(phase)
-        parts.append(f"{phase} {fmt_gib(mine)} vs {fmt_gib(theirs)} GiB "
-                     f"({(mine / theirs - 1) if theirs else 0:+.1%})")
-    return "formulas vs compiler: " + "; ".join(parts)
-
-
-def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `memagent-jax plan CONFIG [key=value ...] (--devices N --hbm-gib G | --topology T)`."""
-    parser.add_argument("config", help="a YAML file or a name under configs/")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
-    parser.add_argument("--devices", type=int, default=None, help="number of accelerators")
-    parser.add_argument("--hbm-gib", type=float, default=None, help="memory per accelerator, GiB")
-    parser.add_argument("--topology", default=None,
-                        help="a TPU slice or topology (v5p-32, v5p:2x2x4): with libtpu installed the "
-                             "figures come from the TPU compiler (`memagent-jax compile`), else from "
-                             "the formulas with that slice's devices and HBM")
-
-
 def check_devices(devices: Any, hbm_gib: Any) -> None:
     """InputError unless `devices` >= 1 and `hbm_gib` is a positive finite number."""
     if isinstance(devices, bool) or not isinstance(devices, numbers.Integral) or devices < 1:
@@ -587,40 +476,3 @@ def check_devices(devices: Any, hbm_gib: Any) -> None:
             math.isfinite(hbm_gib) and hbm_gib > 0):
         raise InputError(f"--hbm-gib {hbm_gib} is not an amount of memory", None,
                          "pass the GiB of one accelerator, e.g. --hbm-gib 80")
-
-
-def run_plan_cli(args: argparse.Namespace) -> int:
-    """Prints the plan table; exit status 0 if both phases fit, 1 if not. With --topology and
-    libtpu installed, the phase totals are the TPU compiler's (the line `source:` says which)."""
-    if args.topology:
-        from memagent_jax.tpu_topology import KINDS, parse_topology
-
-        kind, shape = parse_topology(args.topology)
-        chips = math.prod(shape)
-        try:
-            import libtpu  # noqa: F401
-        except ImportError:
-            per_chip = 2 if kind.name in ("v4", "tpu7x") else 1  # devices per chip (tpu_topology)
-            args.devices = chips * per_chip
-            args.hbm_gib = KINDS[kind.name].hbm_gib_per_chip / per_chip
-            print("source: formulas (libtpu not installed: pip install 'libtpu==0.0.42.*' to ask "
-                  "the TPU compiler)")
-        else:
-            from memagent_jax.compile import compile_rl_step, format_report
-
-            cfg = load_config(args.config, list(args.overrides or []))
-            report = compile_rl_step(cfg, args.topology, config_name=str(args.config))
-            print("source: the TPU compiler (libtpu), per-device peaks of every program")
-            print(format_report(report))
-            formulas = plan(cfg, report.target.devices, report.target.hbm_bytes / GIB,
-                            mesh=report.mesh, suggest=False)
-            print(compare_line(formulas, report))
-            return 0 if report.ok else 1
-    if args.devices is None or args.hbm_gib is None:
-        raise InputError("plan needs the accelerators", None,
-                         "pass --devices N --hbm-gib G, or --topology T for a TPU slice")
-    check_devices(args.devices, args.hbm_gib)  # before reading any config
-    report = plan(load_config(args.config, list(args.overrides or [])), args.devices, args.hbm_gib)
-    print(format_plan(report))
-    print("source: formulas (--topology T with libtpu installed asks the TPU compiler)")
-    return 0 if report.fits else 1

@@ -10,15 +10,14 @@ import json
 import pytest
 
 from memagent_jax.config import CONFIG_DIR, load_config
+from memagent_jax.plan_cli import add_plan_arguments, run_plan_cli
 from memagent_jax.plan import (
     GIB,
     KNOWN_SHAPES,
-    add_plan_arguments,
     format_plan,
     mesh_problem,
     plan,
     resolve_model,
-    run_plan_cli,
     suggest_meshes,
 )
 
