@@ -331,12 +331,6 @@ class Engine:
             raise ValueError(f"prompt ({n} tokens) + max_new_tokens ({request.max_new_tokens}) "
                              f"exceed the engine's max_len={self.max_len}; raise max_len "
                              "(rollout.engine_max_len in a training config)")
-        if request.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {request.temperature}")
-        if not 0.0 < request.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {request.top_p}")
-        if request.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {request.top_k}")
         if len(request.stop_ids) > MAX_STOP_IDS:
             raise ValueError(f"at most {MAX_STOP_IDS} stop ids, got {len(request.stop_ids)}")
         rid = self._next_id
