@@ -417,14 +417,16 @@ def format_report(report: CompileReport) -> str:
              f"tensor={t}; attention {report.attention}; budget {_gib(report.budget)} GiB per device "
              f"({HEADROOM:.0%} headroom)", "",
              f"{'program':<22} {'args':>7} {'out':>7} {'temp':>7} {'alias':>7} {'resident':>9} "
-             f"{'peak':>7} {'TFLOP':>9} {'calls/step':>10} {'compile s':>9}  verdict   (GiB per device)"]
+             f"{'peak':>7} {'TFLOP':>9} {'est. ms':>9} {'calls/step':>10} {'compile s':>9}  verdict   (GiB per device)"]
     for p in report.programs:
         lines.append(f"{p.name:<22} {_gib(p.arguments):>7} {_gib(p.outputs):>7} {_gib(p.temporaries):>7} "
                      f"{_gib(p.aliased):>7} {_gib(p.resident):>9} {_gib(p.peak):>7} "
-                     f"{p.flops / 1e12:>9.2f} {p.calls_per_step:>10.0f} {p.compile_seconds:>9.1f}  "
+                     f"{p.flops / 1e12:>9.2f} {p.compiler_seconds * 1e3:>9.2f} {p.calls_per_step:>10.0f} "
+                     f"{p.compile_seconds:>9.1f}  "
                      f"{'FITS' if report.fits(p) else 'DOES NOT FIT'}")
-    lines.append("  TFLOP: " + ("whole calls (loop bodies scaled by their trip counts)" if report.costs_scaled
-                                   else "the compiler's count, each loop body once (--estimate counts whole calls)"))
+    lines.append("  TFLOP, est. ms (the compiler's time estimate) per call: " + (
+        "whole calls (loop bodies scaled by their trip counts)" if report.costs_scaled
+        else "the compiler's cost analysis, each loop body once (--estimate counts whole calls)"))
     lines.append("")
     for p in report.programs:
         lines.append(f"  {p.name}: {p.shape}; resident besides its arguments: {p.resident_what}")
