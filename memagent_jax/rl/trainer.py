@@ -191,10 +191,16 @@ class Trainer:
         if r.engine != "continuous":
             raise ValueError(f"rollout.engine={r.engine!r}: expected 'static' or 'continuous'")
         return engine_generate_fn(
-            model, tok, slots=turn_rows(self.cfg), max_len=r.engine_max_len or self._engine_max_len(model),
+            model, tok, slots=self._engine_slots(), max_len=r.engine_max_len or self._engine_max_len(model),
             decode_steps=r.engine_decode_steps, prefill_rows=r.engine_prefill_rows,
             static_fn=generate, mesh=mesh,
             temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
+
+    def _engine_slots(self) -> int:
+        """The engine's slots on this process: rollout.max_rows_per_call (all processes together,
+        as plan and compile count them) split over the processes."""
+        procs = jax.process_count() if self.mesh is not None else 1
+        return -(-turn_rows(self.cfg) // procs)
 
     def _engine_max_len(self, model: Any) -> int:
         """Cache positions per engine slot: the longest prompt the agent's budgets allow (template,

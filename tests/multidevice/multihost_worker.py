@@ -59,7 +59,9 @@ def main() -> None:
         f"rollout.group_size={G}", f"rollout.temperature={temperature}", "rl.train_batch_size=2",
         "rl.gen_batch_size=4", "rl.mini_batch_size=1", "rl.filter_groups=true",
         "rl.micro_batch_tokens=256", "optim.lr=0.01", "optim.eps=0.001", "optim.warmup_steps=1",
-        f"rollout.engine={engine}", "rollout.max_rows_per_call=2", "rollout.engine_decode_steps=2",
+        f"rollout.engine={engine}", "rollout.engine_decode_steps=2",
+        # 2 engine slots per process; the static path in one call per turn
+        f"rollout.max_rows_per_call={4 if engine == 'continuous' else 0}",
         f"trainer.out_dir={out_dir}/run_{nproc}proc_{engine}_t{temperature}", "trainer.progress=false",
         "trainer.async_checkpoint=false", "trainer.total_steps=1"])
     all_docs = docs(4, 30, seed=1)
