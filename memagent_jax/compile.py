@@ -34,6 +34,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from memagent_jax.config import Config
+from memagent_jax.engine_slots import abstract_new_rows, abstract_slots
 from memagent_jax.models.attention import resolve as resolve_attention
 from memagent_jax.models.model_config import ModelConfig
 from memagent_jax.models.sharding import (
@@ -237,7 +238,7 @@ def compile_rl_step(cfg: Config, topology: str, *, config_name: str = "",
         attempt("sampler generate", f"{rows} rows x {P} prompt + {N} new",
                 lambda: gen.lower(dgraph, dstate, *args, sp).compile(), state_resident, state_what)
     else:
-        slots = engine_mod.abstract_slots(model, rows, max_len, mesh)
+        slots = abstract_slots(model, rows, max_len, mesh)
         P = min(sampler_mod.bucket(prompt_len), max_len)
         chunk = min(512, P)
         if P % chunk:
@@ -246,7 +247,7 @@ def compile_rl_step(cfg: Config, topology: str, *, config_name: str = "",
         M = rollout_rows(cfg, (d, f, t), cfg.rollout.engine_prefill_rows) if cfg.rollout.engine_prefill_rows else rows
         M = min(M, rows)
         bs = lambda nd: batch_sharding(mesh, DECODE_RULES, nd)  # noqa: E731
-        new = engine_mod.abstract_new_rows(M, mesh)
+        new = abstract_new_rows(M, mesh)
         prefill = engine_mod._jitted_prefill(chunk, mesh)
         attempt("engine prefill", f"{M} rows (all unique) x {P} prompt into {rows} slots x {max_len}",
                 lambda: prefill.lower(dgraph, dstate, slots, _abstract((M, P), jnp.int32, bs(2)),

@@ -44,6 +44,7 @@ from memagent_jax.sampler import (
     MAX_STOP_IDS, _argmax, _pow2_bucket, _prefill, bucket, decode_state, filter_logits,
 )
 from memagent_jax.seeds import Seed, derive
+from memagent_jax.engine_slots import slot_shardings, slot_specs
 from memagent_jax.types import SampleOutput
 
 _NEG = -1e30
@@ -134,18 +135,10 @@ def _sample_rows(logits: jax.Array, keys: jax.Array, step: jax.Array, s: dict[st
     return ids, jnp.take_along_axis(logps, ids[:, None], axis=-1)[:, 0]
 
 
-def _slot_shardings(slots: dict[str, Any], mesh: Any) -> dict[str, Any]:
-    """Slot arrays (or their (shape, dtype) specs) on `mesh`: caches by the decode cache rule,
-    the rest batch-major."""
-    ndim = lambda x: len(x[0]) if isinstance(x, tuple) else x.ndim  # noqa: E731
-    return {name: cache_sharding(mesh, DECODE_RULES) if name in ("k", "v")
-            else batch_sharding(mesh, DECODE_RULES, ndim(x)) for name, x in slots.items()}
-
-
 def _constrain(slots: dict[str, jax.Array], mesh: Any) -> dict[str, jax.Array]:
     if mesh is None:
         return slots
-    shardings = _slot_shardings(slots, mesh)
+    shardings = slot_shardings(slots, mesh)
     return {n: jax.lax.with_sharding_constraint(x, shardings[n]) for n, x in slots.items()}
 
 
@@ -237,38 +230,6 @@ def _jitted_decode(steps: int, mesh: Any) -> Any:
                    donate_argnums=2)
 
 
-def slot_specs(config: Any, slots: int, max_len: int) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """(shape, dtype) of every slot array: the KV cache of `slots` rows x `max_len` positions,
-    each row's next-token logits, sampling state and parameters, tokens and log-probs so far."""
-    cache = (config.num_layers, slots, max_len, config.num_kv_heads, config.head_dim)
-    from memagent_jax.models.model_config import dtype_from_name
-
-    S, W = slots, max_len
-    return dict(
-        k=(cache, dtype_from_name(config.dtype)), v=(cache, dtype_from_name(config.dtype)),
-        logits=((S, config.vocab_size), jnp.float32), plen=((S,), jnp.int32),
-        step=((S,), jnp.int32), active=((S,), jnp.bool_), keys=((S, 2), jnp.uint32),
-        temperature=((S,), jnp.float32), top_p=((S,), jnp.float32), top_k=((S,), jnp.int32),
-        max_new=((S,), jnp.int32), stop_ids=((S, MAX_STOP_IDS), jnp.int32),
-        tokens=((S, W), jnp.int32), logps=((S, W), jnp.float32))
-
-
-def abstract_slots(config: Any, slots: int, max_len: int, mesh: Any) -> dict[str, jax.ShapeDtypeStruct]:
-    """The slot arrays as ShapeDtypeStructs on `mesh` (for ahead-of-time compiling)."""
-    specs = slot_specs(config, slots, max_len)
-    shardings = _slot_shardings(specs, mesh)
-    return {n: jax.ShapeDtypeStruct(shape, dt, sharding=shardings[n]) for n, (shape, dt) in specs.items()}
-
-
-def abstract_new_rows(rows: int, mesh: Any) -> dict[str, jax.ShapeDtypeStruct]:
-    """The prefill program's per-row keys and sampling parameters as ShapeDtypeStructs."""
-    specs = dict(keys=((rows, 2), jnp.uint32), temperature=((rows,), jnp.float32),
-                 top_p=((rows,), jnp.float32), top_k=((rows,), jnp.int32),
-                 max_new=((rows,), jnp.int32), stop_ids=((rows, MAX_STOP_IDS), jnp.int32))
-    return {n: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sharding(mesh, DECODE_RULES, len(shape)))
-            for n, (shape, dt) in specs.items()}
-
-
 # ------------------------------------------------------------------------------------ the engine
 class Engine:
     """Continuous batching over `slots` (rounded up to a power of two) cache rows of `max_len`.
@@ -316,7 +277,7 @@ class Engine:
         specs = slot_specs(self.config, self.num_slots, self.max_len)
         if self.mesh is None:
             return {n: jnp.zeros(shape, dt) for n, (shape, dt) in specs.items()}
-        shardings = _slot_shardings(specs, self.mesh)
+        shardings = slot_shardings(specs, self.mesh)
         return jax.jit(lambda: {n: jnp.zeros(shape, dt) for n, (shape, dt) in specs.items()},
                        out_shardings=shardings)()
 
