@@ -17,6 +17,24 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 @dataclasses.dataclass
+class LoraSection:
+    """Low-rank adapters over the frozen projections (models/lora.py); rank 0 = full-parameter.
+
+    With rank > 0 the base weights are stored, frozen, in model.dtype and only the adapters (in
+    model.param_dtype) are trained: they alone have gradients, optimizer state and checkpoints.
+    """
+
+    rank: int = 0
+    alpha: float = 0.0  # 0 = rank (scale alpha / rank = 1)
+    dropout: float = 0.0  # must be 0 (the training forward carries no RNG)
+    targets: list = dataclasses.field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    # merged: the rollout decodes W + (alpha/rank) A @ B (faster; new buffers for the targets);
+    # applied: it runs the adapters at every step (no copy of the targeted weights)
+    rollout: str = "merged"
+
+
+@dataclasses.dataclass
 class ModelSection:
     """The policy. `path` = an HF directory; empty = random init with the shape below."""
 
@@ -37,6 +55,7 @@ class ModelSection:
     tie_word_embeddings: bool = True
     rope_theta: float = 10000.0
     max_position_embeddings: int = 4096
+    lora: LoraSection = dataclasses.field(default_factory=LoraSection)
 
 
 @dataclasses.dataclass
@@ -372,6 +391,15 @@ def validate_config(cfg: Config, source: str | Path | None = None,
             where = "command line" if key in given else (os.fspath(source) if source else None)
             raise InputError(f"{key}={value} is not a positive number of {what}", where,
                              f"set {key} >= 1 (default {default})")
+    from memagent_jax.models.lora import lora_from_section  # rank >= 0, known targets, dropout
+
+    lora_where = ("command line" if any(k.startswith("model.lora") for k in given)
+                  else (os.fspath(source) if source else None))
+    lora_from_section(cfg.model.lora, cfg.model.param_dtype, lora_where)
+    if cfg.model.lora.rollout not in ("merged", "applied"):
+        raise InputError(f"model.lora.rollout={cfg.model.lora.rollout!r}", lora_where,
+                         "set model.lora.rollout to merged (faster decode) or applied (no copy "
+                         "of the adapted weights)")
     return cfg
 
 

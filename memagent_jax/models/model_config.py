@@ -77,6 +77,9 @@ class ModelConfig:
     # steps for shallow models on CPU (-10% train step at 4 layers), compile time grows with depth
     scan_layers: bool = True
     attention: str = "auto"  # models/attention.py: xla | cudnn | splash | blocked | auto (a runtime choice, not saved)
+    # Low-rank adapters over the frozen projections (models/lora.py: LoraConfig); None = no adapters.
+    # Not part of config.json: an exported model is merged, a PEFT adapter has its own config.
+    lora: Any = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "eos_token_id", _eos_ids(self.eos_token_id))

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from memagent_jax.models.attention import causal_attention, xla_attention
+from memagent_jax.models.lora import init_adapters, lora_logical_axes, lora_shapes
 from memagent_jax.models.model_config import ModelConfig, dtype_from_name
 from memagent_jax.models.sharding import constrain_batch
 
@@ -64,6 +65,7 @@ def param_logical_axes(config: ModelConfig) -> dict[str, tuple[str | None, ...]]
         })
     if not config.tie_word_embeddings:
         axes["lm_head"] = ("embed", "vocab")
+    axes.update(lora_logical_axes(config))  # adapters (models/lora.py), when config.lora is set
     return axes
 
 
@@ -80,6 +82,7 @@ def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         "layers/q_bias": (L, q), "layers/k_bias": (L, kv), "layers/v_bias": (L, kv),
         "layers/q_norm": (L, config.head_dim), "layers/k_norm": (L, config.head_dim),
         "lm_head": (D, V),
+        **lora_shapes(config),
     }
     return {k: shapes[k] for k in param_logical_axes(config)}
 
@@ -90,8 +93,11 @@ class DecoderLayers(nnx.Module):
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
         pdtype = dtype_from_name(config.param_dtype)
         init = nnx.initializers.normal(0.02)
+        adapters = init_adapters(config, rngs) if config.lora is not None else {}
+        for name, var in adapters.items():
+            setattr(self, name, var)
         for path, shape in param_shapes(config).items():
-            if not path.startswith("layers/"):
+            if not path.startswith("layers/") or path.split("/", 1)[1] in adapters:
                 continue
             name = path.split("/", 1)[1]
             if name.endswith("norm"):
@@ -273,15 +279,22 @@ class Decoder(nnx.Module):
             mask = slots[None, None, :] <= query_slot[:, :, None]
 
         mm = linear if cfg.remat == "none" else jnp.matmul
+        lora = cfg.lora
+
+        def proj(x: jax.Array, p: dict[str, jax.Array], name: str) -> jax.Array:
+            """x @ W, plus (alpha/rank) (x @ A) @ B when `name` carries an adapter (lora.py)."""
+            y = mm(x, p[name].astype(dtype))
+            if lora is not None and name in lora.targets:
+                low = mm(x, p[f"{name}_lora_a"].astype(dtype))
+                y = y + mm(low, p[f"{name}_lora_b"].astype(dtype)) * jnp.asarray(lora.scale, dtype)
+            return y
 
         def block(carry: Any, xs: Any) -> tuple[Any, None]:
             h, ck, cv = carry
             h = constrain_batch(h)  # the layer's input keeps the batch sharding (sharding.py)
             p, i = xs
             a = rms_norm(h, p["input_norm"], cfg.rms_norm_eps)
-            q = mm(a, p["q_proj"].astype(dtype))
-            k = mm(a, p["k_proj"].astype(dtype))
-            v = mm(a, p["v_proj"].astype(dtype))
+            q, k, v = proj(a, p, "q_proj"), proj(a, p, "k_proj"), proj(a, p, "v_proj")
             if cfg.qkv_bias:
                 q, k, v = (q + p["q_bias"].astype(dtype), k + p["k_bias"].astype(dtype),
                            v + p["v_bias"].astype(dtype))
@@ -301,10 +314,10 @@ class Decoder(nnx.Module):
                 att = causal_attention(q, k, v, mask, cfg.attention)
             else:  # prefill / decode over the cache: per-row offsets, materialised
                 att = xla_attention(q, k, v, mask)
-            h = h + mm(att, p["o_proj"].astype(dtype))
+            h = h + proj(att, p, "o_proj")
             m = rms_norm(h, p["post_norm"], cfg.rms_norm_eps)
-            gated = jax.nn.silu(mm(m, p["gate_proj"].astype(dtype))) * mm(m, p["up_proj"].astype(dtype))
-            h = constrain_batch(h + mm(gated, p["down_proj"].astype(dtype)))
+            gated = jax.nn.silu(proj(m, p, "gate_proj")) * proj(m, p, "up_proj")
+            h = constrain_batch(h + proj(gated, p, "down_proj"))
             return (h, ck, cv), None
 
         carry = (x, None if cache is None else cache.k, None if cache is None else cache.v)

@@ -21,12 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 from memagent_jax.agent.memory import MemoryPolicy
 from memagent_jax.agent.prompts import PromptBuilder
 from memagent_jax.rl.logprobs import token_logprobs
-from memagent_jax.rl.train_step import TrainState, init_train_state
+from memagent_jax.rl.train_step import TrainState, init_policy_state, merge_policy
 
 Example = tuple[list[int], list[int]]  # (prompt ids, response ids incl. EOS), or a TeacherTurn
 
@@ -129,11 +128,13 @@ def pad_batch(examples: Sequence[Example | MaskedSequence], rows: int, pad_id: i
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "tx", "chunk"), donate_argnums=(1,))
 def sft_step(graphdef: Any, state: TrainState, tokens: jax.Array, mask: jax.Array, *,
-             tx: optax.GradientTransformation, chunk: int) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One AdamW step on the token-mean NLL of the masked (response) tokens."""
+             tx: optax.GradientTransformation, chunk: int, frozen: Any = None
+             ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One AdamW step on the token-mean NLL of the masked (response) tokens; with LoRA the state
+    holds the adapters and `frozen` the base weights (not differentiated)."""
 
     def loss_fn(params: Any) -> tuple[jax.Array, jax.Array]:
-        logp, _ = token_logprobs(nnx.merge(graphdef, params), tokens, chunk=chunk)
+        logp, _ = token_logprobs(merge_policy(graphdef, params, frozen), tokens, chunk=chunk)
         n = jnp.maximum(mask.sum(), 1.0)
         return -(logp * mask).sum() / n, (jnp.exp(logp) * mask).sum() / n
 
@@ -149,6 +150,9 @@ def train_sft(model: Any, examples: Sequence[Example | MaskedSequence], settings
               on_step: Callable[[int, dict[str, float]], None] | None = None) -> tuple[Any, list[dict]]:
     """Trains `model` (an NNX decoder) on `examples`; returns (trained model, per-step metrics).
 
+    A model with LoRA adapters (models/lora.py: add_lora) trains its adapters only; the
+    returned model is the frozen base with the trained adapters (`lora.merged` folds them in).
+
     Without `weights` each epoch visits the examples in a fresh random order (seeded); with them,
     each batch draws examples with probability proportional to their weight (with replacement).
     `on_step(step, metrics)` runs after every step (progress bars, logging).
@@ -158,7 +162,7 @@ def train_sft(model: Any, examples: Sequence[Example | MaskedSequence], settings
     if settings.steps < 1 or settings.batch_size < 1:
         raise ValueError(f"train_sft: steps and batch_size must be >= 1 ({settings})")
     tx = make_sft_optimizer(settings)
-    graphdef, state = init_train_state(model, tx)
+    graphdef, state, frozen = init_policy_state(model, tx)
     rng = np.random.default_rng(settings.seed)
     rows = 1 << max(0, math.ceil(math.log2(settings.batch_size)))
     order: list[int] = []
@@ -179,10 +183,10 @@ def train_sft(model: Any, examples: Sequence[Example | MaskedSequence], settings
             picked, order = order[:settings.batch_size], order[settings.batch_size:]
         batch = pad_batch([examples[i] for i in picked], rows, pad_id, settings.pad_multiple)
         state, m = sft_step(graphdef, state, jnp.asarray(batch["tokens"]), jnp.asarray(batch["mask"]),
-                            tx=tx, chunk=settings.logprob_chunk)
+                            tx=tx, chunk=settings.logprob_chunk, frozen=frozen)
         metrics = {k: float(v) for k, v in jax.device_get(m).items()}
         metrics["lr"] = float(schedule(step))
         history.append({"step": step + 1, **metrics})
         if on_step is not None:
             on_step(step + 1, metrics)
-    return nnx.merge(graphdef, state.params), history
+    return merge_policy(graphdef, state.params, frozen), history

@@ -5,6 +5,10 @@ numerator / global_denominator (the denominator of the whole mini-batch, compute
 so the summed gradients equal the gradient of the token-mean over the mini-batch, never a mean
 of micro-batch means. The optimizer step is jitted with explicit shardings and donates the
 train state; non-finite gradients skip the update (optax.apply_if_finite).
+
+With LoRA adapters (models/lora.py) the train state holds only the adapters and their optimizer
+state; the frozen base weights travel as a separate `frozen` argument that is never
+differentiated, updated or donated (None for full-parameter training).
 """
 
 from __future__ import annotations
@@ -64,11 +68,30 @@ def make_optimizer(lr: float, warmup_steps: int, steps_per_rl_step: int, *, b1: 
     return optax.apply_if_finite(chain, max_consecutive_errors=1_000_000)
 
 
+def merge_policy(graphdef: Any, params: Any, frozen: Any = None) -> Any:
+    """The NNX model from its trainable state and (with LoRA) the frozen base weights."""
+    return nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
+
+
 def init_train_state(model: Any, tx: optax.GradientTransformation,
                      mesh: jax.sharding.Mesh | None = None) -> tuple[Any, TrainState]:
-    """(graphdef, TrainState) for an NNX model; optimizer moments inherit the weights' shardings
-    and, with a mesh, scalars (step, counts) are replicated over it."""
-    graphdef, params = nnx.split(model, nnx.Param)
+    """(graphdef, TrainState) for a full-parameter NNX model (see `init_policy_state`)."""
+    graphdef, state, frozen = init_policy_state(model, tx, mesh)
+    if frozen is not None:
+        raise ValueError("the model has LoRA adapters: use init_policy_state, which also returns "
+                         "the frozen base weights")
+    return graphdef, state
+
+
+def init_policy_state(model: Any, tx: optax.GradientTransformation,
+                      mesh: jax.sharding.Mesh | None = None) -> tuple[Any, TrainState, Any]:
+    """(graphdef, TrainState, frozen) for an NNX model: the state holds the trainable weights
+    (all of them, or only the LoRA adapters) and their optimizer state; `frozen` the base
+    weights under adapters (None without). Optimizer moments inherit the weights' shardings and,
+    with a mesh, scalars (step, counts) are replicated over it."""
+    from memagent_jax.models.lora import split_trainable
+
+    graphdef, params, frozen = split_trainable(model)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
     if mesh is not None:
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -80,21 +103,21 @@ def init_train_state(model: Any, tx: optax.GradientTransformation,
             return jax.device_put(x, replicated)
 
         state = jax.tree.map(on_mesh, state)
-    return graphdef, state
+    return graphdef, state, frozen
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "chunk"))
 def sequence_logprobs(graphdef: Any, params: Any, tokens: jax.Array, *, temperature: float,
-                      chunk: int) -> jax.Array:
+                      chunk: int, frozen: Any = None) -> jax.Array:
     """Per-token log-probs [N, T] under `params` (no gradient): old and reference passes."""
-    logp, _ = token_logprobs(nnx.merge(graphdef, params), tokens, temperature=temperature,
-                             chunk=chunk)
+    logp, _ = token_logprobs(merge_policy(graphdef, params, frozen), tokens,
+                             temperature=temperature, chunk=chunk)
     return logp
 
 
 def _loss(params: Any, graphdef: Any, batch: dict[str, jax.Array], denominator: jax.Array,
-          s: LossSettings) -> tuple[jax.Array, dict[str, jax.Array]]:
-    model = nnx.merge(graphdef, params)
+          s: LossSettings, frozen: Any = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    model = merge_policy(graphdef, params, frozen)
     logp, entropy = token_logprobs(model, batch["tokens"], temperature=s.temperature,
                                    chunk=s.logprob_chunk, with_entropy=True)
     mask = batch["mask"]
@@ -117,11 +140,13 @@ def _loss(params: Any, graphdef: Any, batch: dict[str, jax.Array], denominator: 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "settings"))
 def micro_batch_grads(graphdef: Any, params: Any, batch: dict[str, jax.Array],
-                      denominator: jax.Array, settings: LossSettings
+                      denominator: jax.Array, settings: LossSettings, frozen: Any = None
                       ) -> tuple[Any, dict[str, jax.Array]]:
-    """Gradient of numerator / global denominator for one micro-batch, and its metric sums."""
-    grads, aux = jax.grad(_loss, has_aux=True)(params, graphdef, batch, denominator, settings)
-    return constrain_params(grads, nnx.merge(graphdef, params).config), aux
+    """Gradient of numerator / global denominator for one micro-batch (with respect to `params`
+    only: with LoRA, the adapters), and its metric sums."""
+    grads, aux = jax.grad(_loss, has_aux=True)(params, graphdef, batch, denominator, settings,
+                                               frozen)
+    return constrain_params(grads, merge_policy(graphdef, params, frozen).config), aux
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))

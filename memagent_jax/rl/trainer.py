@@ -27,7 +27,6 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from memagent_jax import sampler
 from memagent_jax.agent.memory import make_policy
@@ -40,6 +39,7 @@ from memagent_jax.distributed import (
     allgather_objects, global_array, global_max, process_offsets, to_host,
 )
 from memagent_jax.metrics import MetricsWriter
+from memagent_jax.models.lora import merged, zero_adapters
 from memagent_jax.models.sharding import batch_multiple, batch_sharding, mesh_context
 from memagent_jax.rl import rewards as R
 from memagent_jax.rl.advantages import filter_groups, group_advantages, overlong_penalty, select_groups
@@ -54,9 +54,10 @@ from memagent_jax.rl.loss import reduce_aux_sums
 from memagent_jax.rl.train_step import (
     LossSettings,
     accumulate,
-    init_train_state,
+    init_policy_state,
     make_apply_update,
     make_optimizer,
+    merge_policy,
     micro_batch_grads,
     sequence_logprobs,
 )
@@ -129,8 +130,12 @@ class Trainer:
         self.tx = make_optimizer(cfg.optim.lr, cfg.optim.warmup_steps, self.num_minis * rl.ppo_epochs,
                                  b1=cfg.optim.b1, b2=cfg.optim.b2, eps=cfg.optim.eps,
                                  weight_decay=cfg.optim.weight_decay, grad_clip=cfg.optim.grad_clip)
-        self.graphdef, self.state = init_train_state(model, self.tx, mesh)
-        self.ref_params = jax.tree.map(jnp.copy, self.state.params) if rl.kl_coef > 0 else None
+        # With LoRA the state holds the adapters only; `frozen` is the base (models/lora.py).
+        self.graphdef, self.state, self.frozen = init_policy_state(model, self.tx, mesh)
+        self.ref_params = None
+        if rl.kl_coef > 0:  # the reference: the initial policy; with LoRA the base (zero adapters)
+            self.ref_params = (jax.tree.map(jnp.copy, self.state.params) if self.frozen is None
+                               else zero_adapters(self.state.params))
         self.apply_update = make_apply_update(self.tx, jax.tree.map(lambda x: x.sharding, self.state))
         self.settings = LossSettings(
             eps_low=rl.eps_low, eps_high=rl.eps_high, clip_c=rl.clip_c if rl.clip_c > 0 else None,
@@ -153,13 +158,22 @@ class Trainer:
 
     # ------------------------------------------------------------------ the policy's sampler
     def model(self) -> Any:
-        """The current policy as an NNX module (shares the train state's buffers)."""
-        return nnx.merge(self.graphdef, self.state.params)
+        """The current policy as an NNX module (shares the train state's buffers; with LoRA, the
+        frozen base with the adapters applied)."""
+        return merge_policy(self.graphdef, self.state.params, self.frozen)
+
+    def rollout_model(self) -> Any:
+        """The policy the rollout samples from. With LoRA and model.lora.rollout: merged (the
+        default) the adapters merged into the base (W + (alpha/rank) A @ B: new buffers for the
+        adapted weights only, rebuilt each RL step), which decoded faster than applying them at
+        every step (bench/lora_rollout.py); `applied` keeps the adapters (no copy of the weights)."""
+        model = self.model()
+        return merged(model) if self.cfg.model.lora.rollout == "merged" else model
 
     def generate_fn(self) -> Callable[..., Any]:
         if self._generate_fn is not None:
             return self._generate_fn
-        model, mesh, tok = self.model(), self.mesh, self.tokenizer
+        model, mesh, tok = self.rollout_model(), self.mesh, self.tokenizer
         state = sampler.decode_state(model, mesh)
         r = self.cfg.rollout
 
@@ -278,7 +292,7 @@ class Trainer:
             arrays = micro_batch_arrays(batch, rows, lengths, multiple)
             lp = sequence_logprobs(self.graphdef, params, self._rows_on_device(
                 {"tokens": arrays["tokens"]})["tokens"], temperature=self.settings.temperature,
-                chunk=self.settings.logprob_chunk)
+                chunk=self.settings.logprob_chunk, frozen=self.frozen)
             lp = to_host(lp)[: len(rows)]
             width = min(lp.shape[1], out.shape[1])
             out[rows, :width] = lp[:, :width]
@@ -327,7 +341,8 @@ class Trainer:
                     arrays = micro_batch_arrays(batch, rows, lengths, multiple, extra)
                     grads, aux = micro_batch_grads(self.graphdef, self.state.params,
                                                    self._rows_on_device(arrays),
-                                                   jnp.float32(max(den, 1e-8)), self.settings)
+                                                   jnp.float32(max(den, 1e-8)), self.settings,
+                                                   self.frozen)
                     acc_grads = grads if acc_grads is None else accumulate(acc_grads, grads)
                     mini_sums = aux if mini_sums is None else jax.tree.map(jnp.add, mini_sums, aux)
                 self.state, norm, skip = self.apply_update(self.state, acc_grads)

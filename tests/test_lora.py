@@ -1,0 +1,171 @@
+"""LoRA adapters (models/lora.py): the adapted forward equals the merged model's, adapter
+gradients equal autodiff of the merged formula, a step moves only the adapters, the reference
+policy is the base, SFT trains adapters only, and the bad inputs are clear errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from tiny_policy import tiny_model
+
+from memagent_jax.config import load_config
+from memagent_jax.errors import InputError
+from memagent_jax.models.lora import (
+    LORA_TARGETS, LoraConfig, LoraParam, add_lora, adapter_delta, freeze_base, merged,
+    split_trainable, zero_adapters,
+)
+from memagent_jax.rl.train_step import (
+    LossSettings, init_policy_state, init_train_state, make_apply_update, make_optimizer,
+    merge_policy, micro_batch_grads, sequence_logprobs,
+)
+
+IDS = jnp.asarray(np.random.default_rng(0).integers(4, 130, (2, 12)), jnp.int32)
+
+
+@nnx.jit
+def _logits(model, ids):
+    """The model's logits, compiled (eager op-by-op forwards are slow on CPU)."""
+    return model(ids)
+
+
+def _adapted(rank: int = 4, targets: tuple[str, ...] = LORA_TARGETS, seed: int = 0, **model_kw):
+    """A tiny fp32 policy with adapters whose B is non-zero (as after training)."""
+    model = add_lora(tiny_model(**model_kw), LoraConfig(rank=rank, alpha=2.0 * rank, targets=targets))
+    graphdef, adapters, frozen = split_trainable(model)
+    rng = np.random.default_rng(seed)  # host noise: no per-shape compiles
+    adapters = jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape, np.float32), adapters)
+    return nnx.merge(graphdef, adapters, frozen)
+
+
+def test_adapted_logits_equal_the_merged_model():
+    model = _adapted()
+    plain = merged(model)
+    assert plain.config.lora is None and not nnx.state(plain, LoraParam)
+    logits = _logits(model, IDS)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(_logits(plain, IDS)), atol=1e-5, rtol=0)
+    # and the adapters do something (B != 0): the base alone differs
+    graphdef, adapters, frozen = split_trainable(model)
+    base = nnx.merge(graphdef, zero_adapters(adapters), frozen)
+    assert float(jnp.abs(logits - _logits(base, IDS)).max()) > 1e-3
+
+
+def test_fresh_adapters_change_nothing():
+    plain = tiny_model()
+    expected = np.asarray(_logits(plain, IDS))
+    adapted = add_lora(plain, LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj")))
+    np.testing.assert_array_equal(np.asarray(_logits(adapted, IDS)), expected)
+
+
+def test_adapter_grads_equal_autodiff_of_the_merged_formula():
+    model = _adapted(rank=3, targets=("q_proj", "o_proj", "down_proj"))
+    lora = model.config.lora
+    graphdef, adapters, frozen = split_trainable(model)
+    plain_graphdef = nnx.split(merged(model))[0]
+    weights = jax.random.normal(jax.random.key(3), (2, 12, 132))
+
+    def adapted_loss(a):
+        return jnp.sum(merge_policy(graphdef, a, frozen)(IDS) * weights)
+
+    def merged_loss(a):  # W + (alpha/r) A @ B built by hand, then the plain decoder
+        flat = dict(nnx.to_flat_state(frozen))
+        for t in lora.targets:
+            w = flat[("layers", t)]
+            delta = adapter_delta(a["layers"][f"{t}_lora_a"][...], a["layers"][f"{t}_lora_b"][...],
+                                  lora.scale)
+            flat[("layers", t)] = w.replace(w.get_value() + delta)
+        return jnp.sum(nnx.merge(plain_graphdef, nnx.from_flat_state(flat))(IDS) * weights)
+
+    ours, ref = jax.jit(jax.grad(adapted_loss))(adapters), jax.jit(jax.grad(merged_loss))(adapters)
+    for (path, g), (_, r) in zip(nnx.to_flat_state(ours), nnx.to_flat_state(ref)):
+        np.testing.assert_allclose(np.asarray(g.get_value()), np.asarray(r.get_value()),
+                                   rtol=1e-4, atol=1e-5, err_msg=str(path))
+
+
+def test_a_step_trains_only_the_adapters():
+    model = _adapted(targets=("q_proj", "up_proj"))
+    tx = make_optimizer(1e-2, 1, 1, weight_decay=0.0)
+    graphdef, state, frozen = init_policy_state(model, tx)
+    names = {p[-1] for p, _ in nnx.to_flat_state(state.params)}
+    assert names == {"q_proj_lora_a", "q_proj_lora_b", "up_proj_lora_a", "up_proj_lora_b"}
+    n_adapter = sum(x.size for x in jax.tree.leaves(state.params))
+    n_moments = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
+    assert n_moments == 2 * n_adapter  # AdamW's two moments, of the adapters only
+    base_before = [np.asarray(x) for x in jax.tree.leaves(frozen)]
+    adapters_before = [np.asarray(x) for x in jax.tree.leaves(state.params)]
+    tokens = IDS
+    batch = {"tokens": tokens, "mask": jnp.ones(tokens.shape, jnp.float32),
+             "advantages": jnp.asarray([[1.0] * 12, [-1.0] * 12]),
+             "sampler_logp": jnp.zeros(tokens.shape, jnp.float32)}
+    grads, _ = micro_batch_grads(graphdef, state.params, batch, jnp.float32(24.0), LossSettings(),
+                                 frozen)
+    assert jax.tree.structure(grads) == jax.tree.structure(state.params)
+    state, norm, skipped = make_apply_update(tx)(state, grads)
+    assert float(norm) > 0 and not bool(skipped)
+    for a, b in zip(base_before, jax.tree.leaves(frozen)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    assert all(not np.array_equal(a, np.asarray(b))
+               for a, b in zip(adapters_before, jax.tree.leaves(state.params)))
+    with pytest.raises(ValueError, match="init_policy_state"):
+        init_train_state(model, tx)
+
+
+def test_reference_logprobs_are_the_base_without_adapters():
+    model = _adapted()
+    graphdef, adapters, frozen = split_trainable(model)
+    ref = sequence_logprobs(graphdef, zero_adapters(adapters), IDS, temperature=1.0, chunk=64,
+                            frozen=frozen)
+    base = tiny_model()  # the same seed: the weights under the adapters
+    expected = sequence_logprobs(*split_trainable(base)[:2], IDS, temperature=1.0, chunk=64)
+    np.testing.assert_allclose(np.asarray(ref), np.asarray(expected), atol=1e-6)
+    adapted = sequence_logprobs(graphdef, adapters, IDS, temperature=1.0, chunk=64, frozen=frozen)
+    assert float(jnp.abs(adapted - expected).max()) > 1e-3
+
+
+def test_sft_trains_adapters_only():
+    from memagent_jax.rl.sft import SFTSettings, train_sft
+
+    model = add_lora(tiny_model(), LoraConfig(rank=4, alpha=8.0))
+    base_q = np.asarray(model.layers.q_proj[...])
+    examples = [([5, 6, 7, 8], [9, 10, 11, 2])] * 4
+    trained, history = train_sft(model, examples, SFTSettings(steps=4, batch_size=4, lr=3e-2,
+                                                              warmup_steps=1, pad_multiple=8))
+    np.testing.assert_array_equal(np.asarray(trained.layers.q_proj[...]), base_q)
+    assert float(jnp.abs(trained.layers.q_proj_lora_b[...]).max()) > 0
+    assert history[-1]["loss"] < history[0]["loss"]
+
+
+# ------------------------------------------------------------------------------- bad input
+def test_unknown_target_is_a_clear_error():
+    with pytest.raises(InputError, match=r"unknown projection 'qkv'.*q_proj"):
+        load_config(None, ["model.lora.rank=8", "model.lora.targets=[q,qkv]"])
+    cfg = load_config(None, ["model.lora.rank=8", "model.lora.targets=q,v_proj,down"])
+    from memagent_jax.models.lora import lora_from_section
+
+    assert lora_from_section(cfg.model.lora, "float32").targets == ("q_proj", "v_proj", "down_proj")
+
+
+def test_rank_above_a_target_dimension_is_a_clear_error():
+    # tiny_model: hidden 32, one kv head of 16: k_proj is 32 x 16
+    with pytest.raises(InputError, match=r"rank=17 is larger than k_proj's dimension \(32 x 16"):
+        add_lora(tiny_model(), LoraConfig(rank=17, alpha=17.0))
+    add_lora(tiny_model(), LoraConfig(rank=17, alpha=17.0, targets=("q_proj",)))  # 32 x 32: fine
+
+
+def test_negative_rank_and_dropout_are_clear_errors():
+    with pytest.raises(InputError, match=r"model.lora.rank=-1 must be >= 0.*command line"):
+        load_config(None, ["model.lora.rank=-1"])
+    with pytest.raises(InputError, match=r"dropout=0.1.*not implemented"):
+        load_config(None, ["model.lora.rank=4", "model.lora.dropout=0.1"])
+
+
+def test_base_that_does_not_fit_the_frozen_dtype_is_a_clear_error():
+    model = tiny_model()
+    model.layers.up_proj[...] = model.layers.up_proj[...].at[0, 0, 0].set(1e5)  # > float16's max
+    with pytest.raises(InputError, match=r"'layers/up_proj' cannot be frozen in model.dtype=float16"):
+        freeze_base(model, "float16")
+    frozen = freeze_base(tiny_model(), "bfloat16")
+    assert frozen.layers.q_proj[...].dtype == jnp.bfloat16
+    assert frozen.config.param_dtype == "bfloat16"
