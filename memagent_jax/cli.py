@@ -140,7 +140,7 @@ def _cmd_answer(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from memagent_jax.train_run import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.out, step=args.step)
+    out = export_checkpoint(args.checkpoint, args.out, step=args.step, adapter=args.adapter)
     print(f"exported {out}")
     return 0
 
@@ -263,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("checkpoint", help="a run folder (its checkpoints/ and config.yaml)")
     x.add_argument("--out", required=True)
     x.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    x.add_argument("--adapter", action="store_true",
+                   help="a LoRA run: also write its adapters as a PEFT folder OUT/adapter "
+                        "(transformers+peft, vLLM --enable-lora load it on the base model)")
     x.set_defaults(fn=_cmd_export)
 
     b = add("data", help="build a tfds dataset (array_record) from local files")

@@ -3,11 +3,12 @@ orbax checkpoint -> HF directory."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
 import jax
-from flax import nnx
 
 from memagent_jax.config import AgentSection, Config, load_config, validate_config
 from memagent_jax.data.loader import loader_state, make_loader, restore_loader
@@ -22,8 +23,8 @@ def make_trainer(cfg: Config, *, reward_fn: RewardFn | None = None, model: Any =
     validate_config(cfg)  # numeric knobs, before anything is loaded or written
     init_distributed(cfg)
     mesh = build_mesh(cfg)
-    if model is None or tokenizer is None:
-        model, tokenizer = load_policy(cfg, mesh, seed=cfg.trainer.seed)
+    model, tokenizer = load_train_policy(cfg, mesh, seed=cfg.trainer.seed, model=model,
+                                         tokenizer=tokenizer)
     source = training_source(cfg.data)
     if cfg.rl.gen_batch_size % jax.process_count():
         raise ValueError(f"rl.gen_batch_size={cfg.rl.gen_batch_size} must be a multiple of the "
@@ -32,6 +33,28 @@ def make_trainer(cfg: Config, *, reward_fn: RewardFn | None = None, model: Any =
                      seed=cfg.data.seed, shuffle=cfg.data.shuffle)
     return Trainer(cfg, model, tokenizer, it, mesh=mesh, reward_fn=reward_fn,
                    data_state=(lambda: loader_state(it), lambda s: restore_loader(it, s)))
+
+
+def load_train_policy(cfg: Config, mesh: jax.sharding.Mesh | None = None, seed: int = 0, *,
+                      model: Any = None, tokenizer: Any = None) -> tuple[Any, Any]:
+    """(model, tokenizer) to train: `load_policy`'s (or the given ones), and with model.lora.rank
+    > 0 the base frozen in model.dtype with fresh adapters in model.param_dtype (models/lora.py).
+
+    Bad LoRA settings (unknown target, rank above a target's dimension, a base that does not fit
+    model.dtype) are InputErrors before anything is trained."""
+    from memagent_jax.models.lora import add_lora, freeze_base, lora_from_section
+
+    lora = lora_from_section(cfg.model.lora, cfg.model.param_dtype)
+    if model is None or tokenizer is None:
+        base_cfg = cfg
+        if lora is not None:  # the base is loaded straight into its frozen dtype
+            base_cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+                cfg.model, param_dtype=cfg.model.dtype))
+        model, tokenizer = load_policy(base_cfg, mesh, seed=seed)
+    if lora is not None and getattr(model.config, "lora", None) is None:
+        freeze_base(model, cfg.model.dtype)
+        add_lora(model, lora, seed=seed, mesh=mesh)
+    return model, tokenizer
 
 
 def run_training(cfg: Config, *, reward_fn: RewardFn | None = None) -> str:
@@ -47,7 +70,8 @@ def run_training(cfg: Config, *, reward_fn: RewardFn | None = None) -> str:
     with run_folder_lock(cfg.trainer.out_dir, collective=True):
         trainer = make_trainer(cfg, reward_fn=reward_fn)
         try:
-            save_run_base(trainer.model(), trainer.tokenizer, cfg.trainer.out_dir)
+            save_run_base(trainer.model(), trainer.tokenizer, cfg.trainer.out_dir,
+                          base_model=cfg.model.path, seed=cfg.trainer.seed)
             status = trainer.run()
             if status == "done":
                 export_model(trainer.model(), trainer.tokenizer, Path(cfg.trainer.out_dir) / "hf",
@@ -59,13 +83,16 @@ def run_training(cfg: Config, *, reward_fn: RewardFn | None = None) -> str:
 
 #: `<run>/base`: the policy's config.json and tokenizer, saved at train start, so that `export`
 #: can rebuild the model's shape without the base model folder (the checkpoint holds the weights).
+#: A LoRA run's checkpoints hold only the adapters: `<run>/base/lora.json` then names the frozen
+#: base's folder (model.path; empty = the random init of `seed`) that export and resume load.
 RUN_BASE = "base"
+LORA_BASE = "lora.json"
 
 
-def save_run_base(model: Any, tokenizer: Any, run_dir: str | Path) -> Path:
-    """Writes the model's config.json and the tokenizer files to `<run_dir>/base` (process 0)."""
-    import json
-
+def save_run_base(model: Any, tokenizer: Any, run_dir: str | Path, *, base_model: str = "",
+                  seed: int = 0) -> Path:
+    """Writes the model's config.json and the tokenizer files to `<run_dir>/base` (process 0),
+    and for a LoRA model `lora.json` (the base model's folder, the seed of a random base)."""
     from memagent_jax.tokenizer import save_tokenizer
 
     out = Path(run_dir) / RUN_BASE
@@ -73,6 +100,11 @@ def save_run_base(model: Any, tokenizer: Any, run_dir: str | Path) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2))
         save_tokenizer(tokenizer, out)
+        lora = getattr(model.config, "lora", None)
+        if lora is not None:
+            info = {"base_model": str(Path(base_model).absolute()) if base_model else "",
+                    "seed": seed, **dataclasses.asdict(lora)}
+            (out / LORA_BASE).write_text(json.dumps(info, indent=2))
     return out
 
 
@@ -87,8 +119,10 @@ def export_model(model: Any, tokenizer: Any, out_dir: str | Path, *, agent: Agen
     """
     from memagent_jax.agent.settings_file import write_agent_settings
     from memagent_jax.models import save_pretrained
+    from memagent_jax.models.lora import merged
     from memagent_jax.tokenizer import save_tokenizer
 
+    model = merged(model)  # LoRA: the adapters folded into the base (a plain HF model)
     out = Path(out_dir)
     shard = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
     save_pretrained(model, out, **shard)  # collective in a multi-process job; process 0 writes
@@ -99,10 +133,15 @@ def export_model(model: Any, tokenizer: Any, out_dir: str | Path, *, agent: Agen
     return out
 
 
-def export_checkpoint(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
-    """Restores a run's orbax checkpoint (latest or `step`) and writes an HF directory."""
+def export_checkpoint(run_dir: str | Path, out_dir: str | Path, step: int | None = None, *,
+                      adapter: bool = False) -> Path:
+    """Restores a run's orbax checkpoint (latest or `step`) and writes an HF directory (a LoRA
+    run's adapters merged into its base); with `adapter`, a LoRA run's adapters also as a PEFT
+    folder `<out_dir>/adapter` (models/peft_adapter.py)."""
     from memagent_jax.checkpoint import RunCheckpointer
-    from memagent_jax.rl.train_step import init_train_state, make_optimizer
+    from memagent_jax.errors import InputError
+    from memagent_jax.models.peft_adapter import save_adapter
+    from memagent_jax.rl.train_step import init_policy_state, make_optimizer, merge_policy
 
     run = Path(run_dir)
     if run.name == "checkpoints":
@@ -111,15 +150,43 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, step: int | None
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: pass a run folder written by memagent-jax train")
     cfg = load_config(cfg_path)
-    model, tokenizer = _policy_shape(cfg, run, cfg_path)
+    lora_info = run / RUN_BASE / LORA_BASE
+    if lora_info.is_file():
+        model, tokenizer = _lora_policy(cfg, json.loads(lora_info.read_text()), lora_info)
+    else:
+        if adapter:
+            raise InputError(f"--adapter: {run} is not a LoRA run (no {RUN_BASE}/{LORA_BASE})",
+                             run, "drop --adapter (the HF directory holds the whole model)")
+        model, tokenizer = _policy_shape(cfg, run, cfg_path)
     tx = make_optimizer(cfg.optim.lr, 1, 1)
-    graphdef, state = init_train_state(model, tx)
+    graphdef, state, frozen = init_policy_state(model, tx)
     ckpt = RunCheckpointer(run / "checkpoints", async_save=False)
     try:
         state, _ = ckpt.restore(state, step)
     finally:
         ckpt.close()
-    return export_model(nnx.merge(graphdef, state.params), tokenizer, out_dir, agent=cfg.agent)
+    policy = merge_policy(graphdef, state.params, frozen)
+    out = export_model(policy, tokenizer, out_dir, agent=cfg.agent)
+    if adapter:
+        save_adapter(policy, out / "adapter",
+                     base_model=json.loads(lora_info.read_text())["base_model"])
+    return out
+
+
+def _lora_policy(cfg: Config, info: dict[str, Any], info_path: Path) -> tuple[Any, Any]:
+    """A LoRA run's policy shape for restoring its adapters: the frozen base (the folder in
+    `<run>/base/lora.json`, or the random init of its seed) with fresh adapters."""
+    from memagent_jax.errors import InputError
+
+    base = info["base_model"]
+    if base and not Path(base).is_dir():
+        raise InputError(f"the LoRA run's base model {base} is missing (the checkpoints hold only "
+                         "the adapters)", info_path,
+                         "put the base model folder back, or write its new place as base_model here")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=base))
+    if base and not cfg.tokenizer:
+        cfg.tokenizer = base
+    return load_train_policy(cfg, seed=int(info.get("seed", 0)))
 
 
 def _policy_shape(cfg: Config, run: Path, cfg_path: Path) -> tuple[Any, Any]:

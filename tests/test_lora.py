@@ -169,3 +169,27 @@ def test_base_that_does_not_fit_the_frozen_dtype_is_a_clear_error():
     frozen = freeze_base(tiny_model(), "bfloat16")
     assert frozen.layers.q_proj[...].dtype == jnp.bfloat16
     assert frozen.config.param_dtype == "bfloat16"
+
+
+def test_peft_adapter_loaded_by_transformers_equals_our_policy(tmp_path):
+    from memagent_jax.models import save_pretrained
+    from memagent_jax.models.peft_adapter import peft_key, save_adapter
+
+    model = _adapted(targets=("q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"))
+    graphdef, adapters, frozen = split_trainable(model)
+    save_pretrained(merged(nnx.merge(graphdef, zero_adapters(adapters), frozen)), tmp_path / "base")
+    out = save_adapter(model, tmp_path / "adapter", base_model=str(tmp_path / "base"))
+    from safetensors.numpy import load_file
+
+    tensors = load_file(out / "adapter_model.safetensors")
+    assert tensors[peft_key(1, "q_proj", "A")].shape == (4, 32)  # lora_A: [r, in]
+    assert tensors["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"].shape == (32, 4)
+    peft = pytest.importorskip("peft", reason="peft is the test-only dependency for this check")
+    import torch
+    import transformers
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", torch_dtype=torch.float32)
+    adapted = peft.PeftModel.from_pretrained(base, out).eval()
+    with torch.no_grad():
+        theirs = adapted(torch.as_tensor(np.asarray(IDS), dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(theirs, np.asarray(_logits(model, IDS)), atol=1e-4)
