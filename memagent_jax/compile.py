@@ -29,19 +29,17 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from memagent_jax.compile_state import abstract, abstract_params, abstract_train_state, tree_bytes
 from memagent_jax.config import Config
 from memagent_jax.engine_slots import abstract_new_rows, abstract_slots
 from memagent_jax.models.attention import resolve as resolve_attention
 from memagent_jax.models.model_config import ModelConfig
 from memagent_jax.models.sharding import (
     DECODE_RULES, MESH_AXES, TRAIN_RULES, MeshConfig, batch_sharding, mesh_context,
-    param_shardings,
 )
-from memagent_jax.models.transformer import Decoder
 from memagent_jax.plan import HEADROOM, rollout_lengths, micro_batch_shape, resolve_model, rollout_rows
 from memagent_jax.tpu_topology import Target, load_target
 
@@ -108,33 +106,7 @@ TRAIN_PROGRAMS = ("log-prob pass", "micro-batch gradient", "accumulate", "optimi
 
 
 # ----------------------------------------------------------------------------- abstract inputs
-def _abstract(shape: tuple[int, ...], dtype: Any, sharding: Any) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-
-
-def abstract_params(model: ModelConfig, mesh: Any, rules: Any, dtype: Any = None
-                    ) -> tuple[Any, Any]:
-    """(graphdef, nnx.State of ShapeDtypeStructs) of a Decoder's weights laid out by `rules`;
-    with `dtype`, floating weights in that dtype (the decode copy's cast)."""
-    abstract_model = nnx.eval_shape(lambda: Decoder(model, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract_model, nnx.Param)
-    shardings = param_shardings(model, mesh, rules)
-
-    def place(path: tuple, var: Any) -> Any:
-        x = var.get_value()
-        dt = dtype if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
-        return var.replace(_abstract(x.shape, dt, shardings["/".join(map(str, path))]))
-
-    return graphdef, nnx.from_flat_state({p: place(p, v) for p, v in nnx.to_flat_state(state)})
-
-
-def _bytes(tree: Any) -> int:
-    """Per-device bytes of abstract arrays (their shard shapes)."""
-    total = 0
-    for x in jax.tree.leaves(tree):
-        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) else x.shape
-        total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
-    return total
+_abstract, _bytes = abstract, tree_bytes
 
 
 # ----------------------------------------------------------------------------------- compiling
@@ -166,7 +138,7 @@ def compile_rl_step(cfg: Config, topology: str, *, config_name: str = "",
     layer: a program's cost = (1-layer cost) + (L - 1) x (2-layer - 1-layer), and a decode call
     = that x rollout.engine_decode_steps. Memory figures are always the real program's."""
     from memagent_jax.rl.train_step import (
-        LossSettings, TrainState, accumulate, make_apply_update, make_optimizer, micro_batch_grads,
+        LossSettings, accumulate, make_apply_update, micro_batch_grads,
         sequence_logprobs,
     )
     from memagent_jax import engine as engine_mod
@@ -199,25 +171,27 @@ def compile_rl_step(cfg: Config, topology: str, *, config_name: str = "",
             failures.append((name_, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"))
 
     # ---------------------------------------------------------------- train state (abstract)
-    graphdef, params = abstract_params(model, mesh, TRAIN_RULES)
-    tx = make_optimizer(cfg.optim.lr, 1, 1)
-    # AdamW's moments take their weights' layout (as tx.init of the sharded weights gives them
-    # in train); its scalars are replicated
-    opt_state = optax.tree_map_params(
-        tx, lambda s, w: _abstract(s.shape, s.dtype, w.sharding), jax.eval_shape(tx.init, params),
-        params, transform_non_params=lambda s: _abstract(s.shape, s.dtype, repl))
-    state = TrainState(step=_abstract((), jnp.int32, repl), params=params, opt_state=opt_state)
-    p_bytes, o_bytes = _bytes(params), _bytes(opt_state)
-    ref = p_bytes if cfg.rl.kl_coef > 0 else 0
+    ts = abstract_train_state(model, mesh, cfg.optim.lr)  # LoRA: adapters only, base apart
+    graphdef, params, frozen, state, tx = ts.graphdef, ts.params, ts.frozen, ts.state, ts.tx
+    p_bytes, o_bytes, base = ts.param_bytes, ts.opt_bytes, ts.frozen_bytes
+    ref = p_bytes if cfg.rl.kl_coef > 0 else 0  # LoRA: zero adapters over the base
     ref_what = " + reference weights" if ref else ""
+    base_what = " + frozen base" if base else ""
 
     # ------------------------------------------------------------------------------ rollout
     rows = rollout_rows(cfg, (d, f, t))
     prompt_len, new_tokens, max_len = rollout_lengths(cfg)
-    dgraph, dstate = abstract_params(model, mesh, DECODE_RULES, jnp.dtype(model.dtype))
-    state_resident = p_bytes + o_bytes + ref
-    state_what = "train state (weights + AdamW)" + ref_what
-    if f == 1 and model.param_dtype == model.dtype:  # the decode state IS the train weights
+    merge = model.lora is not None and cfg.model.lora.rollout == "merged"
+    decode_model = model.replace(lora=None) if merge else model  # trainer.rollout_model
+    dgraph, dstate = abstract_params(decode_model, mesh, DECODE_RULES, jnp.dtype(model.dtype))
+    state_resident = p_bytes + o_bytes + ref + base
+    state_what = "train state (weights + AdamW)" + ref_what + base_what
+    if f == 1 and model.lora is not None:  # the decode weights share the base's buffers
+        shared = base - (_bytes([v for k, v in nnx.to_flat_state(frozen) if k[-1] in model.lora.targets])
+                         if merge else 0)  # merged: new buffers for the targets
+        state_resident -= shared
+        state_what = "adapters + AdamW" + ref_what + " + the base's merged targets" * merge
+    elif f == 1 and model.param_dtype == model.dtype:  # the decode state IS the train weights
         state_resident -= p_bytes
         state_what = "AdamW state" + ref_what
     if cfg.rollout.engine == "static":
@@ -273,22 +247,23 @@ def compile_rl_step(cfg: Config, topology: str, *, config_name: str = "",
     mb = f"{B} rows x {width} ({rows_dev} per device)"
     attempt("log-prob pass", mb,
             lambda: sequence_logprobs.lower(graphdef, params, tokens, temperature=1.0,
-                                            chunk=cfg.rl.logprob_chunk).compile(),
+                                            chunk=cfg.rl.logprob_chunk, frozen=frozen).compile(),
             o_bytes + ref, "AdamW state" + ref_what)
     batch = {"tokens": tokens}
     for key in ("mask", "advantages", "sampler_logp") + (("ref_logp",) if ref else ()):
         batch[key] = _abstract((B, width), jnp.float32, bsh)
     den = _abstract((), jnp.float32, repl)
     attempt("micro-batch gradient", mb,
-            lambda: micro_batch_grads.lower(graphdef, params, batch, den, settings).compile(),
+            lambda: micro_batch_grads.lower(graphdef, params, batch, den, settings, frozen).compile(),
             o_bytes + p_bytes + ref, "AdamW state + gradient accumulator" + ref_what)
     attempt("accumulate", "gradients + accumulator",
-            lambda: accumulate.lower(params, params).compile(), p_bytes + o_bytes + ref,
-            "train state" + ref_what)
+            lambda: accumulate.lower(params, params).compile(), p_bytes + o_bytes + ref + base,
+            "train state" + ref_what + base_what)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     apply = make_apply_update(tx, state_shardings)
     attempt("optimizer update", "train state (donated) + gradients",
-            lambda: apply.lower(state, params).compile(), ref, ref_what.strip(" +") or "-")
+            lambda: apply.lower(state, params).compile(), ref + base,
+            (ref_what + base_what).strip(" +") or "-")
     _count_calls(cfg, programs, rows=rows, max_len=max_len, micro_rows=B, width=width)
     report = CompileReport(config_name, name, target, mesh_shape, attention, programs, failures)
     if costs and layers is None and programs:

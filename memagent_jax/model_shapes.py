@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from memagent_jax.config import Config
+from memagent_jax.models.lora import check_lora, lora_from_section
 from memagent_jax.models.model_config import ModelConfig
 from memagent_jax.models.sharding import DECODE_RULES, MESH_AXES, TRAIN_RULES
 from memagent_jax.models.transformer import param_logical_axes, param_shapes
@@ -40,9 +41,21 @@ KNOWN_SHAPES: dict[str, dict[str, Any]] = {
 
 def resolve_model(cfg: Config, hf_config: dict | None = None) -> tuple[str, ModelConfig]:
     """The policy's shape: model.path's config.json, else `hf_config`, else KNOWN_SHAPES by the
-    path's basename (a hub name such as Qwen/Qwen2.5-7B-Instruct), else model.* (random init)."""
+    path's basename (a hub name such as Qwen/Qwen2.5-7B-Instruct), else model.* (random init).
+    With model.lora.rank > 0 the shape carries the adapters (`ModelConfig.lora`, its rank
+    checked against the targets) and param_dtype is the frozen base's, model.dtype."""
+    name, model = _resolve_model(cfg, hf_config)
+    if model.lora is not None:
+        check_lora(model.lora, model)
+    return name, model
+
+
+def _resolve_model(cfg: Config, hf_config: dict | None = None) -> tuple[str, ModelConfig]:
     m = cfg.model
     dtypes = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, attention=m.attention)
+    lora = lora_from_section(m.lora, m.param_dtype)
+    if lora is not None:  # the base is frozen in model.dtype; the adapters in model.param_dtype
+        dtypes.update(param_dtype=m.dtype, lora=lora)
     path = Path(m.path) if m.path else None
     if path is not None and (path / "config.json").is_file():
         return str(path), ModelConfig.from_pretrained_dir(path, **dtypes)
@@ -93,11 +106,40 @@ def mesh_problem(model: ModelConfig, mesh: tuple[int, int, int]) -> str | None:
 
 
 def weight_bytes(model: ModelConfig, mesh: tuple[int, int, int], rules: Any, nbytes: int) -> int:
-    """Bytes of this device's shards of every weight under `rules` (ceil division per dim)."""
+    """Bytes of this device's shards of every weight under `rules` (ceil division per dim); the
+    base's only for a LoRA shape (`adapter_bytes` counts the adapters)."""
     sizes = dict(zip(MESH_AXES, mesh))
+    model = base_model(model)
     shapes, axes = param_shapes(model), param_logical_axes(model)
     total = 0
     for path, names in axes.items():
         total += math.prod(-(-dim // (_axes_size(sizes, rules.get(n)) if n else 1))
                            for dim, n in zip(shapes[path], names))
     return total * nbytes
+
+
+def base_model(model: ModelConfig) -> ModelConfig:
+    """The shape without adapters (the frozen base of a LoRA policy; the model itself otherwise)."""
+    return model.replace(lora=None) if model.lora is not None else model
+
+
+def adapter_bytes(model: ModelConfig, mesh: tuple[int, int, int], rules: Any = TRAIN_RULES) -> int:
+    """Bytes of this device's shards of the LoRA adapters (their dtype: model.lora.dtype)."""
+    if model.lora is None:
+        return 0
+    nbytes = {"float32": 4, "bfloat16": 2, "float16": 2}[model.lora.dtype]
+    sizes = dict(zip(MESH_AXES, mesh))
+    shapes, axes = param_shapes(model), param_logical_axes(model)
+    return nbytes * sum(math.prod(-(-dim // (_axes_size(sizes, rules.get(n)) if n else 1))
+                                  for dim, n in zip(shapes[p], axes[p]))
+                        for p in axes if "_lora_" in p)
+
+
+def target_bytes(model: ModelConfig, mesh: tuple[int, int, int], rules: Any, nbytes: int) -> int:
+    """Bytes of this device's shards of the weights the adapters target (merged copies of them
+    are what the rollout decodes with)."""
+    sizes = dict(zip(MESH_AXES, mesh))
+    shapes, axes = param_shapes(model), param_logical_axes(model)
+    return nbytes * sum(math.prod(-(-dim // (_axes_size(sizes, rules.get(n)) if n else 1))
+                                  for dim, n in zip(shapes[f"layers/{t}"], axes[f"layers/{t}"]))
+                        for t in model.lora.targets)

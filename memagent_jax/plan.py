@@ -79,7 +79,7 @@ from memagent_jax.models.attention import block_rows, query_blocks
 from memagent_jax.models.model_config import ModelConfig
 from memagent_jax.models.sharding import DECODE_RULES, TRAIN_RULES, MeshConfig
 from memagent_jax.model_shapes import (  # noqa: F401  (KNOWN_SHAPES, resolve_model: re-exported)
-    KNOWN_SHAPES, mesh_problem, resolve_model, weight_bytes,
+    KNOWN_SHAPES, adapter_bytes, mesh_problem, resolve_model, target_bytes, weight_bytes,
 )
 from memagent_jax.models.transformer import param_shapes
 from memagent_jax.sampler import bucket
@@ -221,6 +221,13 @@ def micro_batch_shape(cfg: Config, batch_shards: int, model: ModelConfig, tensor
 def _state_items(cfg: Config, model: ModelConfig, mesh: tuple[int, int, int]) -> list[tuple[str, int]]:
     pb = _BYTES[model.param_dtype]
     params = weight_bytes(model, mesh, TRAIN_RULES, pb)
+    if model.lora is not None:  # LoRA: the base frozen in model.dtype, only adapters trained
+        a, lo = adapter_bytes(model, mesh), model.lora
+        items = [(f"frozen base ({model.param_dtype}, fsdp x tensor shards)", params),
+                 (f"LoRA adapters (rank {lo.rank}, {lo.dtype}, {len(lo.targets)} targets)", a)]
+        if cfg.rl.kl_coef > 0:
+            items.append(("reference: zero adapters over the base (no second copy)", a))
+        return items + [(f"AdamW mu + nu of the adapters ({lo.dtype}) + scalars", 2 * a + 64)]
     items = [(f"params ({model.param_dtype}, fsdp x tensor shards)", params)]
     if cfg.rl.kl_coef > 0:
         items.append(("reference params (rl.kl_coef > 0)", params))
@@ -234,6 +241,7 @@ def train_phase(cfg: Config, model: ModelConfig, mesh: tuple[int, int, int], hbm
     gathered = f > 1 or model.param_dtype != model.dtype
     rows, width, length = micro_batch_shape(cfg, d * f, model, t, gathered)
     params = weight_bytes(model, mesh, TRAIN_RULES, _BYTES[model.param_dtype])
+    trained = adapter_bytes(model, mesh) if model.lora is not None else params  # grads, optax
     acts = activation_bytes(model, rows, width, t, cfg.rl.logprob_chunk, gathered)
     if model.param_dtype != model.dtype:
         # XLA hoists the layers' cast to the compute dtype out of the layer loop: every weight's
@@ -243,20 +251,25 @@ def train_phase(cfg: Config, model: ModelConfig, mesh: tuple[int, int, int], hbm
     items = _state_items(cfg, model, mesh)
     notes = [f"micro-batch: {rows} row(s) x {width} tokens per device (conversations of "
              f"{length} tokens, rl.micro_batch_tokens={cfg.rl.micro_batch_tokens})"]
-    if 2 * params + sum(b for _, b in acts) >= 3 * params:
-        items.append((f"gradients x2 ({model.param_dtype}: accumulator + micro-batch)", 2 * params))
+    if 2 * trained + sum(b for _, b in acts) >= 3 * trained:
+        gdtype = model.lora.dtype if model.lora is not None else model.param_dtype
+        items.append((f"gradients x2 ({gdtype}: accumulator + micro-batch)", 2 * trained))
         items += acts
     else:  # the optax step holds the accumulator, the clipped gradients and the updates
-        items.append(("optimizer step: gradients + clipped gradients + updates", 3 * params))
+        items.append(("optimizer step: gradients + clipped gradients + updates", 3 * trained))
         notes.append("the optimizer step, not the backward pass, is the peak")
     shape = {"rows_per_device": rows, "width": width, "conversation_length": length,
              "micro_batch_tokens": cfg.rl.micro_batch_tokens}
     return PhasePlan("train step", items, hbm, notes), shape
 
 
-def _decode_copy(model: ModelConfig, mesh: tuple[int, int, int]) -> tuple[str, int]:
+def _decode_copy(model: ModelConfig, mesh: tuple[int, int, int], merge: bool = True
+                 ) -> tuple[str, int]:
     """The rollout's weights: DECODE_RULES (replicated over fsdp), cast to the compute dtype
     (sampler.decode_state); none when that is the training layout and dtype already."""
+    if mesh[1] == 1 and model.lora is not None and merge:  # trainer.rollout_model: targets merged
+        return ("decode weights (the base; the adapted targets merged into new buffers)",
+                target_bytes(model, mesh, TRAIN_RULES, _BYTES[model.dtype]))
     if mesh[1] == 1 and model.param_dtype == model.dtype:
         return "decode weights (the train weights: same layout and dtype)", 0
     return (f"decode weights ({model.dtype}, DECODE_RULES: replicated over fsdp)",
@@ -294,7 +307,7 @@ def engine_rollout_phase(cfg: Config, model: ModelConfig, mesh: tuple[int, int, 
         # per shard, as in every shipped config, update in place)
         decode += 2 * kv
     items = _state_items(cfg, model, mesh)
-    items.append(_decode_copy(model, mesh))
+    items.append(_decode_copy(model, mesh, cfg.model.lora.rollout == "merged"))
     items.append((f"engine slots: KV cache {per_dev} slots/device x {max_len} ({model.dtype}) + "
                   "logits, tokens", kv + slot_rest))
     step, which = max((prefill, f"prefill of {prefill_rows} requests x {P}: prompt cache, "
@@ -335,7 +348,7 @@ def rollout_phase(cfg: Config, model: ModelConfig, mesh: tuple[int, int, int], h
     gather = 2 * kv  # U-row and B-row caches (U = B)
     decode = kv + kv // L + 8 * per_dev * (V // t) * 4
     items = _state_items(cfg, model, mesh)
-    items.append(_decode_copy(model, mesh))
+    items.append(_decode_copy(model, mesh, cfg.model.lora.rollout == "merged"))
     step, which = max((prefill, "prefill: unique-prompt cache + scores"),
                       (gather, "row gather: unique-prompt + row caches"), (decode, "decode step"))
     items.append((f"KV cache: {per_dev} rows/device x {S} slots ({model.dtype})", kv))
