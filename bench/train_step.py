@@ -13,7 +13,13 @@ limit a step made of such matmuls could reach. `--breakdown` times the step's pi
 With --preset qwen2.5-0.5b (random weights, bf16) and --peak-tflops, it also reports model FLOPs
 utilisation: 6 * params * tokens (+ attention) per step / time / peak.
 
-On a GPU the torch peer runs on CUDA, first (its memory is released before JAX allocates), and
+`--lora RANK` also times our step on rank-RANK adapters over every projection (models/lora.py:
+the base frozen, only the adapters differentiated and updated) and reports it against the
+full-parameter step. The sides are timed interleaved (bench/timing.py: `--repeats` rounds, each
+side at least `--min-seconds` per round); ratios are per round, reported as the median and its
+[min, max] spread.
+
+On a GPU the torch peer runs on CUDA (interleaved with ours: both hold their memory), and
 `--attn` sets `model.attention` (models/attention.py): `cudnn` runs cuDNN's flash attention in the
 training forward, `splash` the Pallas TPU kernel; decode/prefill keep the materialised `xla`.
 """
@@ -37,12 +43,15 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import interleaved, ratio_spread, spread  # noqa: E402
 
 from memagent_jax import models  # noqa: E402
 from memagent_jax.rl.logprobs import token_logprobs  # noqa: E402
 from memagent_jax.rl.train_step import (  # noqa: E402
     LossSettings,
-    init_train_state,
+    init_policy_state,
     make_apply_update,
     make_optimizer,
     micro_batch_grads,
@@ -80,14 +89,21 @@ def _best(fn, repeats: int) -> float:
 
 def bench_ours(path: Path, tokens: np.ndarray, mask: np.ndarray, adv: np.ndarray, dtype: str,
                repeats: int, remat: str, logprob_chunk: int = 4096, breakdown: bool = False,
-               attention: str = "auto", scan_layers: bool = True) -> tuple[float, dict]:
+               attention: str = "auto", scan_layers: bool = True, lora_rank: int = 0
+               ) -> tuple[Any, dict]:
+    """(one jitted train step as a callable, the --breakdown's piece times); with `lora_rank`
+    the step of rank-`lora_rank` adapters on every projection over the frozen base."""
     model = models.from_pretrained(path, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32,
                                    remat=remat, attention=attention, scan_layers=scan_layers)
+    if lora_rank:
+        from memagent_jax.models.lora import LoraConfig, add_lora
+
+        add_lora(model, LoraConfig(rank=lora_rank, alpha=2.0 * lora_rank, dtype="float32"))
     tx = make_optimizer(1e-5, 1, 1, weight_decay=0.01, grad_clip=1.0)
     # with the weights' 1-device mesh, so the scalars' shardings match the update's outputs
     # (without it the update compiles twice: once more at the first timed step)
     mesh = jax.tree.leaves(nnx.state(model, nnx.Param))[0].sharding.mesh
-    graphdef, state = init_train_state(model, tx, mesh)
+    graphdef, state, frozen = init_policy_state(model, tx, mesh)
     apply = make_apply_update(tx)
     batch = {"tokens": jnp.asarray(tokens), "mask": jnp.asarray(mask),
              "advantages": jnp.asarray(adv), "sampler_logp": jnp.zeros(tokens.shape, jnp.float32)}
@@ -96,14 +112,13 @@ def bench_ours(path: Path, tokens: np.ndarray, mask: np.ndarray, adv: np.ndarray
     holder = {"state": state}
 
     def step() -> None:
-        grads, _ = micro_batch_grads(graphdef, holder["state"].params, batch, den, settings)
+        grads, _ = micro_batch_grads(graphdef, holder["state"].params, batch, den, settings, frozen)
         holder["state"], norm, _ = apply(holder["state"], grads)
         jax.block_until_ready(norm)
 
     step()  # compile
-    best = _best(step, repeats)
     parts: dict = {}
-    if breakdown:  # where the step's time goes (each piece jitted and timed alone)
+    if breakdown and not lora_rank:  # where the step's time goes (each piece jitted and timed alone)
         params = holder["state"].params
         grads, _ = micro_batch_grads(graphdef, params, batch, den, settings)
         parts["grads_s"] = _timed(lambda: micro_batch_grads(graphdef, holder["state"].params,
@@ -136,7 +151,7 @@ def bench_ours(path: Path, tokens: np.ndarray, mask: np.ndarray, adv: np.ndarray
         parts["fwd_bwd_hidden_s"] = _timed(lambda: grad_hidden(p_now()), repeats)
         parts["fwd_logp_entropy_s"] = _timed(lambda: fwd_logp(p_now()), repeats)
         parts = {k: round(v, 4) for k, v in parts.items()}
-    return best, parts
+    return step, parts
 
 
 def matmul_gflops(m: int, k: int, n: int, repeats: int = 10) -> dict[str, float]:
@@ -169,8 +184,9 @@ def _timed(fn: Any, repeats: int) -> float:
     return _best(lambda: jax.block_until_ready(fn()), repeats)
 
 
-def bench_torch(path: Path, tokens: np.ndarray, mask: np.ndarray, adv: np.ndarray, dtype: str,
-                repeats: int) -> float:
+def bench_torch(path: Path, tokens: np.ndarray, mask: np.ndarray, adv: np.ndarray, dtype: str
+                ) -> Any:
+    """One torch eager train step of the same model as a callable (warmed up)."""
     import torch
     import transformers
 
@@ -197,13 +213,7 @@ def bench_torch(path: Path, tokens: np.ndarray, mask: np.ndarray, adv: np.ndarra
             torch.cuda.synchronize()
 
     step()  # warm-up
-    best = _best(step, repeats)
-    if device == "cuda":  # hand the memory back before JAX allocates its pool
-        del model, opt
-        import gc
-        gc.collect()
-        torch.cuda.empty_cache()
-    return best
+    return step
 
 
 def main() -> None:
@@ -212,7 +222,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
+    p.add_argument("--min-seconds", type=float, default=10.0, help="each side's time per round")
+    p.add_argument("--lora", type=int, default=0, metavar="RANK",
+                   help="also time the step of rank-RANK LoRA adapters (every projection)")
     p.add_argument("--remat", default="none")
     p.add_argument("--attn", default="auto", choices=["xla", "cudnn", "splash", "blocked", "auto"],
                    help="model.attention of the training forward (models/attention.py)")
@@ -238,10 +251,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp)
         _hf_checkpoint(args.preset, path, args.dtype)
-        # the peer first: torch releases its CUDA memory before JAX reserves its pool
-        peer = None if args.no_peer else bench_torch(path, tokens, mask, adv, args.dtype, args.repeats)
-        ours, parts = bench_ours(path, tokens, mask, adv, args.dtype, args.repeats, args.remat,
-                                 args.logprob_chunk, args.breakdown, args.attn, args.scan_layers)
+        calls = {} if args.no_peer else {"torch": bench_torch(path, tokens, mask, adv, args.dtype)}
+        calls["ours"], parts = bench_ours(path, tokens, mask, adv, args.dtype, args.repeats,
+                                          args.remat, args.logprob_chunk, args.breakdown,
+                                          args.attn, args.scan_layers)
+        if args.lora:
+            calls["lora"], _ = bench_ours(path, tokens, mask, adv, args.dtype, args.repeats,
+                                          args.remat, args.logprob_chunk, False, args.attn,
+                                          args.scan_layers, lora_rank=args.lora)
+        times, _ = interleaved(calls, repeats=args.repeats, min_seconds=args.min_seconds)
+    ours = spread(times["ours"])["median"]
+    peer = None if args.no_peer else spread(times["torch"])["median"]
     n_tokens = args.batch * args.seq
     cfg = PRESETS[args.preset]
     n_params = models.count_params(models.ModelConfig.from_hf_dict(
@@ -258,8 +278,16 @@ def main() -> None:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "ours_tokens_per_s": round(n_tokens / ours, 1),
         "torch_eager_tokens_per_s": None if peer is None else round(n_tokens / peer, 1),
-        "ratio": None if peer is None else round(peer / ours, 3),
-        "ours_step_s": round(ours, 4), "torch_step_s": None if peer is None else round(peer, 4),
+        "ratio": None if peer is None else ratio_spread(times["torch"], times["ours"])["median"],
+        "ratio_spread": None if peer is None else ratio_spread(times["torch"], times["ours"]),
+        "ours_step_s": spread(times["ours"]),
+        "torch_step_s": None if peer is None else spread(times["torch"]),
+        **({"lora_rank": args.lora, "lora_step_s": spread(times["lora"]),
+            "lora_tokens_per_s": round(n_tokens / spread(times["lora"])["median"], 1),
+            # full-parameter step / LoRA step, per round: > 1 = the LoRA step is faster
+            "lora_speedup": ratio_spread(times["ours"], times["lora"])} if args.lora else {}),
+        "timing": f"interleaved, {args.repeats} rounds, >= {args.min_seconds:g} s per side per "
+                  "round; medians, ratios per round (median [min, max])",
         "model_tflops_per_s": round(flops / ours / 1e12, 3),
         "ours_gflops_per_s": round(flops / ours / 1e9, 1),
         "torch_gflops_per_s": None if peer is None else round(flops / peer / 1e9, 1),
