@@ -151,8 +151,12 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, step: int | None
         raise FileNotFoundError(f"{cfg_path} not found: pass a run folder written by memagent-jax train")
     cfg = load_config(cfg_path)
     lora_info = run / RUN_BASE / LORA_BASE
-    if lora_info.is_file():
-        model, tokenizer = _lora_policy(cfg, json.loads(lora_info.read_text()), lora_info)
+    info = json.loads(lora_info.read_text()) if lora_info.is_file() else None
+    if info is None and cfg.model.lora.rank > 0:  # a LoRA run without base/ (the demo's RL stage)
+        info = {"base_model": cfg.model.path, "seed": cfg.trainer.seed}
+        lora_info = cfg_path
+    if info is not None:
+        model, tokenizer = _lora_policy(cfg, info, lora_info)
     else:
         if adapter:
             raise InputError(f"--adapter: {run} is not a LoRA run (no {RUN_BASE}/{LORA_BASE})",
@@ -168,8 +172,7 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, step: int | None
     policy = merge_policy(graphdef, state.params, frozen)
     out = export_model(policy, tokenizer, out_dir, agent=cfg.agent)
     if adapter:
-        save_adapter(policy, out / "adapter",
-                     base_model=json.loads(lora_info.read_text())["base_model"])
+        save_adapter(policy, out / "adapter", base_model=info["base_model"])
     return out
 
 
