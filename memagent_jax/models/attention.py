@@ -42,6 +42,7 @@ import jax.numpy as jnp
 
 ATTENTION_IMPLS = ("xla", "cudnn", "splash", "blocked", "auto")
 _MASK_VALUE = -1e30  # finite, so fully-masked rows give a uniform softmax instead of NaN
+LIVE_READ_BUCKETS = 8  # a cached attention reads the cache in steps of 1/8 of its length
 
 
 def resolve(impl: str, platform: str | None = None, dtype: Any = jnp.bfloat16) -> str:
@@ -256,3 +257,38 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
     if impl == "blocked":
         return blocked_attention(q, k, v)
     return xla_attention(q, k, v, mask)
+
+
+def live_read_lengths(cache_len: int, buckets: int = LIVE_READ_BUCKETS) -> tuple[int, ...]:
+    """The static key counts a cached attention may read: `buckets` steps up to the cache
+    length, each a multiple of 16 (fewer when the cache is short)."""
+    step = max(16, -(-cache_len // buckets // 16) * 16)
+    return tuple(sorted({min(cache_len, step * j) for j in range(1, -(-cache_len // step) + 1)}))
+
+
+def live_cache_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array,
+                         query_slot: jax.Array) -> jax.Array:
+    """Attention of new queries over layer `layer` of the stacked KV cache, reading only its
+    live part. q [B,T,H,hd]; caches [L,B,S,K,hd] (the queries' own keys already written);
+    query_slot [B,T]: query t of row b attends to slots <= query_slot[b, t] -> [B,T,H*hd].
+
+    The keys read are the first R slots, R the smallest of `live_read_lengths(S)` above every
+    row's last query slot: a `lax.switch` over those static lengths, so the program has static
+    shapes and a decode step reads the cache up to the longest live row (rounded to S/8), not
+    the padding of the prompt bucket and the new-token budget behind it.
+    """
+    lengths = live_read_lengths(k_cache.shape[2])
+    need = jnp.max(query_slot) + 1
+    index = jnp.minimum(jnp.searchsorted(jnp.asarray(lengths, jnp.int32), need), len(lengths) - 1)
+
+    def read(length: int) -> Any:
+        def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array) -> jax.Array:
+            k = jax.lax.dynamic_index_in_dim(k_cache, layer, 0, keepdims=False)[:, :length]
+            v = jax.lax.dynamic_index_in_dim(v_cache, layer, 0, keepdims=False)[:, :length]
+            mask = jnp.arange(length, dtype=jnp.int32)[None, None, :] <= query_slot[:, :, None]
+            return xla_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        return attend
+
+    if len(lengths) == 1:
+        return read(lengths[0])(q, k_cache, v_cache)
+    return jax.lax.switch(index, [read(n) for n in lengths], q, k_cache, v_cache)

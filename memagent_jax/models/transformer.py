@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from memagent_jax.models.attention import causal_attention, xla_attention
+from memagent_jax.models.attention import causal_attention, live_cache_attention, xla_attention
 from memagent_jax.models.lora import init_adapters, lora_logical_axes, lora_shapes
 from memagent_jax.models.model_config import ModelConfig, dtype_from_name
 from memagent_jax.models.sharding import constrain_batch
@@ -271,12 +271,8 @@ class Decoder(nnx.Module):
             for path in param_logical_axes(cfg) if path.startswith("layers/")
         }
 
-        if cache is None or from_start:
-            mask = jnp.tril(jnp.ones((T, T), bool))[None].repeat(B, axis=0)
-        else:
-            slots = jnp.arange(cache.k.shape[2], dtype=jnp.int32)
-            query_slot = offset[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-            mask = slots[None, None, :] <= query_slot[:, :, None]
+        mask = jnp.tril(jnp.ones((T, T), bool))[None].repeat(B, axis=0)  # causal over the T new
+        query_slot = offset[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
 
         mm = linear if cfg.remat == "none" else jnp.matmul
         lora = cfg.lora
@@ -308,12 +304,10 @@ class Decoder(nnx.Module):
             v = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
             if ck is not None:
                 ck, cv = write_cache(ck, k, i, offset), write_cache(cv, v, i, offset)
-                if not from_start:
-                    k, v = ck[i].astype(dtype), cv[i].astype(dtype)
             if ck is None or from_start:  # causal over these T tokens: model.attention's kernel
                 att = causal_attention(q, k, v, mask, cfg.attention)
-            else:  # prefill / decode over the cache: per-row offsets, materialised
-                att = xla_attention(q, k, v, mask)
+            else:  # prefill / decode over the cache's live part: per-row offsets, materialised
+                att = live_cache_attention(q, ck, cv, i, query_slot)
             h = h + proj(att, p, "o_proj")
             m = rms_norm(h, p["post_norm"], cfg.rms_norm_eps)
             gated = jax.nn.silu(proj(m, p, "gate_proj")) * proj(m, p, "up_proj")
