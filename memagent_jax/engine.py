@@ -6,7 +6,9 @@ programs act on it (a prefill/insert + generate split, as in JetStream):
 - prefill: prefills a batch of waiting requests (identical prompts once: group sharing) and
   inserts their caches, first logits, PRNG keys and sampling parameters into free slots;
 - decode: advances every active slot for up to `decode_steps` tokens inside one
-  `lax.while_loop`, stopping early as soon as a slot finishes while requests are waiting.
+  `lax.while_loop`, returning early once `refill_batch` slots have finished while requests
+  are waiting (an eighth of the slots by default: one refill per finished row made host work,
+  not decoding, most of a rollout's time).
 
 Between programs the host returns finished rows and refills their slots. Each request samples
 from its own PRNG stream fold_in(row_key, its own step), with per-request temperature / top-p /
@@ -28,6 +30,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import time
 from typing import Any, Iterator, Sequence
 
 import jax
@@ -178,22 +181,23 @@ def _prefill_program(graphdef: Any, state: Any, slots: dict[str, jax.Array], ids
 
 
 def _decode_program(graphdef: Any, state: Any, slots: dict[str, jax.Array],
-                    vocab_limit: jax.Array, stop_early: jax.Array, *, steps: int, mesh: Any
+                    vocab_limit: jax.Array, refill_at: jax.Array, *, steps: int, mesh: Any
                     ) -> tuple[dict[str, jax.Array], jax.Array]:
     """Advances every active slot by up to `steps` tokens; returns the slots and the iterations
-    run. Stops after the first iteration in which a slot finishes if `stop_early`."""
+    run. Stops after the iteration in which the `refill_at`-th slot finishes (0: never early),
+    so the host refills freed slots in batches rather than one program call per finished row."""
     STATS.compilations += 1
     model = nnx.merge(graphdef, state)
     S, W = slots["tokens"].shape
     rows = jnp.arange(S)
 
     def cond(c: tuple[jax.Array, jax.Array, dict[str, jax.Array]]) -> jax.Array:
-        i, finished_any, s = c
-        return (i < steps) & ~(stop_early & finished_any) & jnp.any(s["active"])
+        i, finished, s = c
+        return (i < steps) & ~((refill_at > 0) & (finished >= refill_at)) & jnp.any(s["active"])
 
     def body(c: tuple[jax.Array, jax.Array, dict[str, jax.Array]]
              ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-        i, finished_any, s = c
+        i, finished_count, s = c
         s = dict(s)
         active, step = s["active"], s["step"]
         ids, lp = _sample_rows(s["logits"], s["keys"], step, s, vocab_limit)
@@ -210,10 +214,11 @@ def _decode_program(graphdef: Any, state: Any, slots: dict[str, jax.Array],
         s["logits"] = model.logits(hidden)[:, 0]
         s["step"], s["active"] = new_step, active & ~finished
         occupancy = s.pop("occupancy") + jnp.sum(active.astype(jnp.int32))
-        return i + 1, finished_any | jnp.any(finished), dict(_constrain(s, mesh), occupancy=occupancy)
+        finished_count = finished_count + jnp.sum(finished.astype(jnp.int32))
+        return i + 1, finished_count, dict(_constrain(s, mesh), occupancy=occupancy)
 
     slots = dict(slots, occupancy=jnp.int32(0))
-    i, _, out = jax.lax.while_loop(cond, body, (jnp.int32(0), jnp.bool_(False), slots))
+    i, _, out = jax.lax.while_loop(cond, body, (jnp.int32(0), jnp.int32(0), slots))
     occupancy = out.pop("occupancy")
     return _constrain(out, mesh), jnp.stack([i, occupancy])
 
@@ -246,7 +251,7 @@ class Engine:
     def __init__(self, model: Decoder, *, slots: int = 16, max_len: int = 1024,
                  decode_steps: int = 32, prefill_chunk: int = 512, vocab_limit: int | None = None,
                  share_prefill: bool = True, state: tuple[Any, Any] | None = None,
-                 prefill_rows: int = 0,
+                 prefill_rows: int = 0, refill_batch: int = 0,
                  mesh: jax.sharding.Mesh | None = None) -> None:
         cfg = model.config
         if max_len < 2 or max_len > cfg.max_position_embeddings:
@@ -264,13 +269,17 @@ class Engine:
         # requests prefilled per program call (0 = every free slot at once); bounds the prefill's
         # activations, which grow with rows x prompt length
         self.prefill_rows = int(prefill_rows) // self.procs if prefill_rows else self.local_slots
+        # finished slots (all processes) after which a decode call returns while requests wait
+        # (0: an eighth of the slots): fewer, larger refills; each call costs host work
+        self.refill_batch = int(refill_batch) or max(1, self.num_slots // 8)
         self.vocab_limit = np.int32(vocab_limit or cfg.vocab_size)
         self.graphdef, self.state = state if state is not None else decode_state(model, mesh)
         self._queue: collections.deque[tuple[int, Request]] = collections.deque()
         self._slot_owner: list[int | None] = [None] * self.local_slots  # local slot -> request id
         self._requests: dict[int, Request] = {}
         self._next_id = 0
-        self._counts = dict(prefill_calls=0, decode_calls=0, decode_steps=0, active_slot_steps=0)
+        self._counts = dict(prefill_calls=0, decode_calls=0, decode_steps=0, active_slot_steps=0,
+                            device_wait_s=0.0)
         self._slots = self._empty_slots()
 
     def _empty_slots(self) -> dict[str, jax.Array]:
@@ -412,7 +421,9 @@ class Engine:
         return results
 
     def stats(self) -> dict[str, Any]:
-        """This engine's program calls, decode iterations and slot occupancy (active / slots)."""
+        """This engine's program calls, decode iterations, slot occupancy (active / slots) and
+        `device_wait_s`: seconds the host waited for the programs' results (the device-bound
+        part of `run()`; the rest of its wall time is host work: refills, reads, bookkeeping)."""
         c = self._counts
         return dict(c, slots=self.num_slots, max_len=self.max_len,
                     occupancy=c["active_slot_steps"] / max(1, c["decode_steps"] * self.num_slots))
@@ -426,12 +437,15 @@ class Engine:
             if pending_max == 0:
                 return
             self._refill(plan, rows_max, unique_max, longest)
-            stop_early = np.bool_(queued > 0)
+            # with requests waiting, return once enough slots are free to refill in one batch
+            refill_at = np.int32(min(queued, self.refill_batch))
             STATS.decode_calls += 1
             with mesh_context(self.mesh):
                 self._slots, info = _jitted_decode(self.decode_steps, self.mesh)(
-                    self.graphdef, self.state, self._slots, self.vocab_limit, stop_early)
+                    self.graphdef, self.state, self._slots, self.vocab_limit, refill_at)
+            waited = time.perf_counter()
             iters, occupied = (int(x) for x in np.asarray(info.addressable_data(0)))  # replicated
+            self._counts["device_wait_s"] += time.perf_counter() - waited
             STATS.decode_steps += iters
             STATS.active_slot_steps += occupied
             STATS.slot_steps += iters * self.num_slots
