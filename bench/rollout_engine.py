@@ -1,9 +1,18 @@
 """Rollout on the continuous-batching engine vs the static path, one tiny random model.
 
-A random model samples at T=1 over a small vocabulary, so a reply ends at EOS after a
-geometric (long-tailed) number of tokens, capped at `--cap`. Both paths run the same rollout
-(same seeds) after a warm-up; prints ONE JSON line: `ratio` = engine / static tokens/s, wall
-times, whether the outputs are identical, and the engine's slot occupancy.
+The memory agent's rollout (`rollout()`, T=1, group sampling) runs on both paths with the same
+seeds, interleaved (bench/timing.py: a warm-up each, then `--repeats` rounds of at least
+`--min-seconds` per side); prints ONE JSON line: `ratio` = static / engine seconds per rollout,
+median and spread (min, max) over the rounds, whether the outputs are identical, the reply-length
+distribution, the engine's slot occupancy and its host vs device seconds.
+
+Reply lengths, MemAgent-like: most memory turns add little to the note, some rewrite it up to the
+memory budget. A random model samples them: its embeddings scaled by `--logit-scale` make the
+next-token distribution peaked and context dependent, so some contexts end at EOS within a few
+tokens and others almost never do; with the default scale 8 and the budget (`--cap`) 256 about half
+the replies end within ~90 tokens and about a tenth run to the budget (the JSON reports p50, p90,
+the share at the cap). The static path decodes each memory turn's call until its longest reply
+ends; the engine refills a slot as soon as its reply ends, with no barrier between turns.
 
     python bench/rollout_engine.py --docs 32 --group 8 --cap 256
 """
@@ -11,27 +20,36 @@ times, whether the outputs are identical, and the engine's slot occupancy.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import cpu_model, interleaved, ratio_spread, spread, usable_cpus  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--docs", type=int, default=32)
     p.add_argument("--group", type=int, default=8)
-    p.add_argument("--cap", type=int, default=256)
+    p.add_argument("--cap", type=int, default=256, help="memory budget: max new tokens per reply")
     p.add_argument("--doc-chars", type=int, default=96)
     p.add_argument("--chunk", type=int, default=32)
     p.add_argument("--slots", type=int, default=64)
     p.add_argument("--decode-steps", type=int, default=16)
-    p.add_argument("--vocab", type=int, default=36, help="model vocabulary (ids >= 36 never sampled)")
+    p.add_argument("--logit-scale", type=float, default=8.0,
+                   help="embedding scale of the random model (peaked, context-dependent replies)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--min-seconds", type=float, default=10.0, help="per side and round")
     args = p.parse_args(argv)
 
+    import jax
     import numpy as np
 
     from memagent_jax.agent.memory import make_policy
@@ -39,11 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     from memagent_jax.agent.rollout import engine_generate_fn, rollout, sampler_generate_fn
     from tiny_policy import AsciiTokenizer, docs, tiny_model
 
-    class SmallVocab(AsciiTokenizer):  # EOS is 1 of ~36 sampleable ids: replies ~36 tokens, long tail
-        vocab_size = args.vocab
-
-    tok = SmallVocab()
-    model = tiny_model(vocab_size=132, seed=1)
+    tok = AsciiTokenizer()
+    model = tiny_model(vocab_size=tok.vocab_size, seed=1)
+    model.embed[...] = model.embed[...] * args.logit_scale
     policy = make_policy("overwrite", chunk_size=args.chunk, max_chunks=16, max_memory_tokens=args.cap)
     builder = PromptBuilder(tok, PromptTemplates(memory_update="Q{prompt}M{memory}C{chunk}>",
                                                  final="Q{prompt}M{memory}>", first_memory="-"))
@@ -52,30 +68,47 @@ def main(argv: list[str] | None = None) -> None:
                for d in docs(args.docs, args.doc_chars, seed=3)]
     kw = dict(policy=policy, builder=builder, tokenizer=tok, group_size=args.group, training=True,
               gen_kwargs=dict(max_memory_new_tokens=args.cap, max_final_new_tokens=args.cap, seed=1))
-    static_fn = sampler_generate_fn(model, tok, temperature=1.0)
-    max_len = 64 + 2 * args.cap + args.chunk
-    engine_fn = engine_generate_fn(model, tok, slots=args.slots, max_len=max_len,
-                                   decode_steps=args.decode_steps, temperature=1.0)
+    max_len = 128 + 2 * args.cap + args.chunk  # template + question + memory + chunk + reply
+    fns = {"static": sampler_generate_fn(model, tok, temperature=1.0),
+           "engine": engine_generate_fn(model, tok, slots=args.slots, max_len=max_len,
+                                        decode_steps=args.decode_steps, temperature=1.0)}
+    walls: dict[str, list[float]] = {"engine": []}
 
-    def timed(fn):
-        rollout(samples, generate_fn=fn, **kw)  # warm-up: compile every shape
+    def engine_call():  # also records its wall time, for the host/device split
         t0 = time.perf_counter()
-        res = rollout(samples, generate_fn=fn, **kw)
-        return res, time.perf_counter() - t0
+        res = rollout(samples, generate_fn=fns["engine"], **kw)
+        walls["engine"].append(time.perf_counter() - t0)
+        return res
 
-    static, t_static = timed(static_fn)
-    cont, t_engine = timed(engine_fn)
-    tokens = sum(len(c.response) for c in static.conversations)
+    times, outs = interleaved({"static": lambda: rollout(samples, generate_fn=fns["static"], **kw),
+                               "engine": engine_call}, args.repeats, args.min_seconds)
+    static, cont = outs["static"], outs["engine"]
     same = all(a.response == b.response and np.allclose(a.sampler_logps, b.sampler_logps, atol=1e-5)
                for a, b in zip(static.conversations, cont.conversations))
-    lengths = [len(c.response) for c in static.conversations]
-    print(json.dumps(dict(
-        ratio=round(t_static / t_engine, 3), engine_tok_s=round(tokens / t_engine, 1),
-        static_tok_s=round(tokens / t_static, 1), engine_s=round(t_engine, 3),
-        static_s=round(t_static, 3), identical=bool(same), tokens=tokens,
-        reply_len_mean=float(np.mean(lengths)), reply_len_p50=float(np.median(lengths)),
-        reply_len_max=int(max(lengths)), conversations=len(lengths),
-        engine=cont.stats["engine"], docs=args.docs, group=args.group, cap=args.cap)))
+    lengths = np.array([len(c.response) for c in static.conversations])
+    tokens = int(lengths.sum())
+    eng = cont.stats["engine"]
+    wall = walls["engine"][-1]
+    ratio = ratio_spread(times["static"], times["engine"])
+    result = dict(
+        bench="rollout_engine", ratio=ratio["median"], ratio_spread=[ratio["min"], ratio["max"]],
+        ratios=ratio["values"], engine_s=spread(times["engine"]), static_s=spread(times["static"]),
+        engine_tok_s=round(tokens / statistics.median(times["engine"]), 1),
+        static_tok_s=round(tokens / statistics.median(times["static"]), 1),
+        identical=bool(same), tokens=tokens, conversations=len(lengths),
+        reply_len=dict(mean=round(float(lengths.mean()), 1), p50=float(np.median(lengths)),
+                       p90=float(np.percentile(lengths, 90)), max=int(lengths.max()),
+                       share_at_cap=round(float((lengths >= args.cap).mean()), 3)),
+        engine=dict(eng, occupancy=round(eng["occupancy"], 3),
+                    device_wait_s=round(eng["device_wait_s"], 3),
+                    host_s=round(wall - eng["device_wait_s"], 3), wall_s=round(wall, 3)),
+        timing=f"{args.repeats} interleaved rounds of >= {args.min_seconds} s per side after a warm-up",
+        docs=args.docs, group=args.group, cap=args.cap, slots=args.slots,
+        decode_steps=args.decode_steps, logit_scale=args.logit_scale,
+        cpu=cpu_model(), cores=usable_cpus(),
+        jax=jax.__version__, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ chunk and the memory in use must not grow with the document. This runs the memor
 length with the tiny model: the demo's exported policy when `--model` (default runs/demo/hf)
 exists, else a random init of configs/tiny.yaml's shape with a freshly trained tokenizer.
 
-Seconds per chunk = wall time / (documents x chunks per document), after an untimed warm-up
-(2x) that compiles the sampler programs. Memory: the process RSS sampled every 2 ms by a thread
+Seconds per chunk = wall time / (documents x chunks per document): the lengths run interleaved
+(bench/timing.py: a warm-up each, then `--repeats` rounds of >= `--min-seconds` per length); the
+JSON gives the median and spread (min, max) over the rounds, and the 64x/1x ratio per round. Memory: the process RSS sampled every 2 ms by a thread
 during each rollout (peak, and peak minus the RSS just before), plus the JAX device's
 peak_bytes_in_use where the backend reports it (not on CPU). Prints ONE JSON line.
 
@@ -26,6 +27,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import cpu_model, interleaved, ratio_spread, spread, usable_cpus  # noqa: E402
 
 
 class PeakRSS:
@@ -88,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--multiples", default="1,8,64")
     p.add_argument("--vocab", type=int, default=1024, help="tokenizer vocab for the random init")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median and spread)")
+    p.add_argument("--min-seconds", type=float, default=10.0, help="per length and round")
     args = p.parse_args(argv)
 
     import jax
@@ -118,26 +124,33 @@ def main(argv: list[str] | None = None) -> None:
         return rollout(samples, policy=policy, builder=builder, tokenizer=tok, generate_fn=gen,
                        group_size=1, training=False, gen_kwargs=gen_kwargs, question_budget=a.question_budget)
 
-    run(docs(2))  # warm-up: compiles the programs the timed runs use
     mults = [int(m) for m in args.multiples.split(",")]
+    samples = {m: docs(m) for m in mults}
+    # interleaved rounds over the lengths (each warmed up first): seconds per rollout per round
+    times, results = interleaved({m: (lambda m=m: run(samples[m])) for m in mults},
+                                 args.repeats, args.min_seconds)
     out: dict[str, object] = {"bench": "rollout_scaling", "weights": weights, "docs": args.docs,
-                              "chunk_size": a.chunk_size, "train_chunks": demo.train_chunks}
+                              "chunk_size": a.chunk_size, "train_chunks": demo.train_chunks,
+                              "timing": f"{args.repeats} interleaved rounds of >= {args.min_seconds} s "
+                                        "per length after a warm-up; RSS from one more rollout each"}
+    per_chunk: dict[int, list[float]] = {}
     for m in mults:
-        samples = docs(m)
+        chunks = sum(t.num_chunks for t in results[m].trajectories)
+        per_chunk[m] = [t / chunks for t in times[m]]
         with PeakRSS() as mem:
-            t0 = time.perf_counter()
-            res = run(samples)
-            seconds = time.perf_counter() - t0
-        chunks = sum(t.num_chunks for t in res.trajectories)
-        out[f"{m}x"] = {"chunks_per_doc": chunks // args.docs, "seconds": round(seconds, 3),
-                        "s_per_chunk": round(seconds / chunks, 5),
+            run(samples[m])
+        out[f"{m}x"] = {"chunks_per_doc": chunks // args.docs, "seconds": spread(times[m], 3),
+                        "s_per_chunk": spread(per_chunk[m], 6),
                         "peak_rss_mib": round(mem.peak / 2**20, 1),
                         "peak_rss_delta_mib": round((mem.peak - mem.start) / 2**20, 2),
                         "device_peak_bytes": device_peak_bytes()}
-    lo, hi = out[f"{mults[0]}x"], out[f"{mults[-1]}x"]
-    key = f"{mults[-1]}x/{mults[0]}x"
-    out["ratio_s_per_chunk_" + key] = round(hi["s_per_chunk"] / lo["s_per_chunk"], 3)
-    out["ratio_peak_rss_" + key] = round(hi["peak_rss_mib"] / lo["peak_rss_mib"], 3)
+    lo, hi = mults[0], mults[-1]
+    key = f"{hi}x/{lo}x"
+    ratio = ratio_spread(per_chunk[hi], per_chunk[lo])
+    out["ratio_s_per_chunk_" + key] = ratio["median"]
+    out["ratio_s_per_chunk_spread"] = [ratio["min"], ratio["max"]]
+    out["ratio_peak_rss_" + key] = round(out[f"{hi}x"]["peak_rss_mib"] / out[f"{lo}x"]["peak_rss_mib"], 3)
+    out["cpu"], out["cores"] = cpu_model(), usable_cpus()
     out["device"] = f"{jax.default_backend()} x{jax.device_count()}"
     out["date"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     print(json.dumps(out))

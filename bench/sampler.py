@@ -3,10 +3,11 @@
 Builds a random Qwen2 checkpoint with transformers (default: 4 layers, hidden 256, fp32), runs
 greedy generation of `--new-tokens` for `--batch` random prompts of `--prompt-len` tokens (no EOS,
 so every row decodes every step) and prints ONE JSON line. Both sides are timed end to end
-(prefill + decode) after a warm-up call with the same shapes, alternating ours and the peer so
-both see the same background load; the figure is the best of `--repeats` calls (medians are
-reported too). The same calls with ONE new token time the prefill on each side; the rest, per
-step, is the decode (`*_prefill_seconds`, `*_decode_ms_per_step`). `--preset qwen2.5-0.5b` uses Qwen2.5-0.5B shapes in bf16 and adds the HBM
+(prefill + decode), interleaved (bench/timing.py: a warm-up call each, then `--repeats` rounds in
+which each side runs calls for at least `--min-seconds`), so both see the same background load;
+`ratio` is the median over the rounds of peer seconds / ours, with its spread (min, max). The
+same calls with ONE new token time the prefill on each side; the rest, per step, is the decode
+(`*_prefill_seconds`, `*_decode_ms_per_step`, from the medians). `--preset qwen2.5-0.5b` uses Qwen2.5-0.5B shapes in bf16 and adds the HBM
 roofline of a decode step (weights + KV cache read at the mean cache length).
 
     python bench/sampler.py                      # CPU default
@@ -18,15 +19,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import cpu_model, interleaved, ratio_spread, spread, usable_cpus  # noqa: E402
 
 PRESETS = {
     "qwen2.5-0.5b": dict(layers=24, hidden=896, heads=14, kv_heads=2, intermediate=4864,
@@ -49,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tied", action="store_true", help="tie input and output embeddings")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="model shapes (random weights); overrides the shape flags and --dtype")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls per side (best is kept)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median and spread)")
+    p.add_argument("--min-seconds", type=float, default=10.0, help="calls per side and round last >= this")
     p.add_argument("--no-peer", action="store_true", help="skip transformers' generate")
     p.add_argument("--hbm-gbps", type=float, default=None,
                    help="memory bandwidth (GB/s) for the decode roofline; omitted if not given")
@@ -76,14 +79,6 @@ def build_checkpoint(args: argparse.Namespace, path: Path) -> None:
     )
     model = transformers.Qwen2ForCausalLM(cfg).to(getattr(torch, args.dtype))
     model.save_pretrained(path, safe_serialization=True)
-
-
-def usable_cpus() -> int:
-    """Cores this process may run on (respects taskset / cgroup affinity)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def ours_call(args: argparse.Namespace, path: Path, prompts: list[list[int]], new_tokens: int | None = None
@@ -125,26 +120,15 @@ def hf_call(args: argparse.Namespace, path: Path, prompts: list[list[int]], new_
     return call
 
 
-def time_interleaved(calls: dict[str, Callable[[], list]], repeats: int
-                     ) -> tuple[dict[str, list[float]], dict[str, list]]:
-    """One warm-up call each (compiles), then `repeats` rounds calling each side in turn, so both
-    see the same background load; returns wall times per side and each side's last output."""
-    outputs = {name: fn() for name, fn in calls.items()}
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, fn in calls.items():
-            t0 = time.perf_counter()
-            outputs[name] = fn()
-            times[name].append(time.perf_counter() - t0)
-    return times, outputs
-
-
 def roofline(args: argparse.Namespace, ours_tps: float) -> dict:
     """Bytes one decode step must read (all weights + K/V at the mean cache length).
 
-    Also reports the K/V bytes our sampler actually reads per step: its attention masks a cache
-    of the bucketed length (prompt bucket + new-token bucket) instead of slicing it.
+    Also reports the K/V bytes our sampler actually reads per step: its attention reads the
+    cache (prompt bucket + new-token bucket) up to the longest live row rounded up to one of
+    `live_read_lengths` (steps of 1/8 of the cache), averaged over the decode steps.
     """
+    from memagent_jax.models.attention import live_read_lengths
+
     from memagent_jax import sampler
     from memagent_jax.models import ModelConfig, count_params
 
@@ -158,10 +142,13 @@ def roofline(args: argparse.Namespace, ours_tps: float) -> dict:
     kv_per_slot = 2 * cfg.num_layers * args.batch * cfg.num_kv_heads * cfg.head_dim * itemsize
     kv_bytes = kv_per_slot * mean_len
     cache_len = sampler.bucket(args.prompt_len) + sampler._pow2_bucket(args.new_tokens, 16)
+    reads = [min(n for n in live_read_lengths(cache_len) if n >= args.prompt_len + t + 1)
+             for t in range(args.new_tokens)]
+    read_len = sum(reads) / len(reads)
     out = {"weight_bytes_per_step": weight_bytes, "kv_bytes_per_step": int(kv_bytes),
            "bytes_per_step": int(weight_bytes + kv_bytes), "mean_cache_len": mean_len,
            "sampler_cache_len": cache_len,
-           "sampler_kv_bytes_per_step": int(kv_per_slot * cache_len)}
+           "sampler_read_len": read_len, "sampler_kv_bytes_per_step": int(kv_per_slot * read_len)}
     if args.hbm_gbps:
         steps_per_s = args.hbm_gbps * 1e9 / (weight_bytes + kv_bytes)
         out["hbm_gbps"] = args.hbm_gbps
@@ -183,38 +170,40 @@ def main(argv: list[str] | None = None) -> dict:
         calls = {"ours": ours_call(args, Path(tmp), prompts)}
         if not args.no_peer:
             calls["hf"] = hf_call(args, Path(tmp), prompts)
-        times, outputs = time_interleaved(calls, args.repeats)
+        times, outputs = interleaved(calls, args.repeats, args.min_seconds)
         # The prefill/decode split: the same call with one new token is the prefill (+ 1 step).
         firsts = {f"{name}_prefill": fn(args, Path(tmp), prompts, 1)
                   for name, fn in (("ours", ours_call), ("hf", hf_call)) if name in calls}
-        first_times, _ = time_interleaved(firsts, args.repeats)
+        first_times, _ = interleaved(firsts, args.repeats, args.min_seconds / 2)
     assert all(len(t) == args.new_tokens for t in outputs["ours"])
-    ours_s = min(times["ours"])
+    ours_s = statistics.median(times["ours"])
     result = {
         "bench": "sampler", "device": jax.devices()[0].device_kind,
         "platform": jax.devices()[0].platform, "num_devices": jax.device_count(),
-        "cpu_count": usable_cpus(),
+        "cpu": cpu_model(), "cpu_count": usable_cpus(),
         "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
         "dtype": args.dtype, "preset": args.preset,
         "model": dict(layers=args.layers, hidden=args.hidden, heads=args.heads,
                       kv_heads=args.kv_heads, intermediate=args.intermediate, vocab=args.vocab,
                       tied=args.tied),
-        "timing": f"best of {args.repeats} interleaved calls after a warm-up; prefill + decode",
-        "ours_seconds": ours_s, "ours_median_seconds": statistics.median(times["ours"]),
-        "ours_tokens_per_s": new / ours_s,
+        "timing": (f"{args.repeats} interleaved rounds of >= {args.min_seconds} s per side after a "
+                   "warm-up; seconds per call (prefill + decode), median over the rounds"),
+        "ours_seconds": spread(times["ours"]), "ours_tokens_per_s": new / ours_s,
     }
     for name in calls:  # prefill = the 1-token call; decode = the rest, per step
-        prefill = min(first_times[f"{name}_prefill"])
+        prefill = statistics.median(first_times[f"{name}_prefill"])
         side = "ours" if name == "ours" else "hf_generate"
-        result[f"{side}_prefill_seconds"] = prefill
-        result[f"{side}_decode_ms_per_step"] = 1e3 * (min(times[name]) - prefill) / max(1, args.new_tokens - 1)
+        result[f"{side}_prefill_seconds"] = round(prefill, 4)
+        result[f"{side}_decode_ms_per_step"] = round(
+            1e3 * (statistics.median(times[name]) - prefill) / max(1, args.new_tokens - 1), 3)
     if "hf" in times:
         import torch
 
-        hf_s = min(times["hf"])
-        result.update(hf_generate_seconds=hf_s,
-                      hf_generate_median_seconds=statistics.median(times["hf"]),
-                      hf_generate_tokens_per_s=new / hf_s, ratio=hf_s / ours_s,
+        ratio = ratio_spread(times["hf"], times["ours"])
+        result.update(hf_generate_seconds=spread(times["hf"]),
+                      hf_generate_tokens_per_s=new / statistics.median(times["hf"]),
+                      ratio=ratio["median"], ratio_spread=[ratio["min"], ratio["max"]],
+                      ratios=ratio["values"],
                       tokens_match=outputs["ours"][0] == outputs["hf"][0],
                       torch_version=torch.__version__)
     if args.preset:
