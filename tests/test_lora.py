@@ -193,3 +193,19 @@ def test_peft_adapter_loaded_by_transformers_equals_our_policy(tmp_path):
     with torch.no_grad():
         theirs = adapted(torch.as_tensor(np.asarray(IDS), dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(theirs, np.asarray(_logits(model, IDS)), atol=1e-4)
+
+
+@pytest.mark.slow  # ~11 s on a loaded 2-core CPU: the engine's prefill and decode programs
+def test_engine_with_applied_adapters_decodes_as_the_merged_policy():
+    """model.lora.rollout: applied runs the adapters inside the engine's prefill and decode."""
+    from test_engine import _prompts, _run_engine
+
+    from memagent_jax import sampler
+
+    model = _adapted(rank=2, targets=("q_proj", "down_proj"), vocab_size=64)
+    prompts, news = _prompts(5, [7, 12, 9]), [6, 6, 6]
+    got, _ = _run_engine(model, prompts, news, slots=2, seed=0, decode_steps=3)
+    ref = sampler.generate(merged(model), prompts, max_new_tokens=6)
+    assert [g[0] for g in got] == ref.tokens
+    for (_, lp, _), rlp in zip(got, ref.logps):
+        np.testing.assert_allclose(lp, rlp, atol=1e-4)
