@@ -232,7 +232,7 @@ def compile_rl_step(cfg: Config, topology: str, *, config_name: str = "",
         decode = engine_mod._jitted_decode(cfg.rollout.engine_decode_steps, mesh)
         attempt("engine decode", f"{rows} slots x {max_len}, {cfg.rollout.engine_decode_steps} steps/call",
                 lambda: decode.lower(dgraph, dstate, slots, _abstract((), jnp.int32, repl),
-                                     _abstract((), jnp.bool_, repl)).compile(),
+                                     _abstract((), jnp.int32, repl)).compile(),
                 state_resident, state_what)
 
     # ------------------------------------------------------------------------ train programs

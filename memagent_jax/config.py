@@ -101,6 +101,9 @@ class RolloutSection:
     engine_prefill_rows: int = 0  # continuous: requests prefilled per engine call (0 = all free slots)
     engine_max_len: int = 0  # continuous: cache positions per slot (0 = bound from agent budgets)
     engine_decode_steps: int = 32  # continuous: decode steps per engine call
+    # continuous: with requests waiting, a decode call returns once this many slots finished, to
+    # refill them in one prefill (0 = an eighth of the slots; 1 = refill at every finish)
+    engine_refill_batch: int = 0
 
 
 @dataclasses.dataclass

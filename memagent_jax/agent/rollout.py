@@ -350,14 +350,14 @@ class EngineGenerateFn:
 
     def __init__(self, model: Any, tokenizer: Any, *, slots: int = 64, max_len: int | None = None,
                  decode_steps: int = 32, prefill_chunk: int = 512, prefill_rows: int = 0,
-                 static_fn: GenerateFn | None = None, mesh: Any = None, **defaults: Any) -> None:
+                 refill_batch: int = 0, static_fn: GenerateFn | None = None, mesh: Any = None, **defaults: Any) -> None:
         self.model, self.defaults = model, {k: v for k, v in defaults.items() if v is not None}
         self.static_fn = static_fn
         self.eos_ids = tuple(int(e) for e in tokenizer.eos_ids)
         self.vocab_limit = int(tokenizer.vocab_size)
         self.engine_config = dict(slots=slots, max_len=max_len or model.config.max_position_embeddings,
                                   decode_steps=decode_steps, prefill_chunk=prefill_chunk,
-                                  prefill_rows=prefill_rows, mesh=mesh)
+                                  prefill_rows=prefill_rows, refill_batch=refill_batch, mesh=mesh)
 
     def make_engine(self) -> Any:
         from memagent_jax import engine as eng

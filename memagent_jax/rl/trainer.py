@@ -207,6 +207,7 @@ class Trainer:
         return engine_generate_fn(
             model, tok, slots=self._engine_slots(), max_len=r.engine_max_len or self._engine_max_len(model),
             decode_steps=r.engine_decode_steps, prefill_rows=r.engine_prefill_rows,
+            refill_batch=r.engine_refill_batch,
             static_fn=generate, mesh=mesh,
             temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
 
