@@ -37,8 +37,9 @@ def _reference(model, prompts, max_news, **kw):
 
 
 def _run_engine(model, prompts, max_news, *, slots, seed, temperature=0.0, top_p=1.0, top_k=0,
-                eos_ids=(), decode_steps=8):
-    engine = eng.Engine(model, slots=slots, max_len=96, decode_steps=decode_steps)
+                eos_ids=(), decode_steps=8, refill_batch=0):
+    engine = eng.Engine(model, slots=slots, max_len=96, decode_steps=decode_steps,
+                        refill_batch=refill_batch)
     ids = [engine.submit(eng.Request(p, m, eng.row_key(seed, r), temperature, top_p, top_k,
                                      tuple(eos_ids)))
            for r, (p, m) in enumerate(zip(prompts, max_news))]
@@ -70,6 +71,23 @@ def test_engine_equals_sampler_ragged_mixed_lengths_refilled_slots(model, sampli
     reasons = {fin for _, _, fin in got}
     if sampling["temperature"] > 0 and not sampling.get("top_k"):
         assert reasons == {"eos", "length"}  # both kinds of finish exercised
+
+
+def test_refill_batch_changes_the_calls_not_the_outputs(model):
+    """A decode call returns once `refill_batch` slots finished (while requests wait): larger
+    batches mean fewer, larger refills; every request's tokens stay the sampler's."""
+    prompts = _prompts(4, [6, 11, 4, 19, 8, 13, 2, 9, 15, 7, 10, 5, 12, 3, 16, 6])
+    max_news = [3, 14, 6, 2, 18, 5, 9, 1, 12, 4, 16, 7, 2, 11, 8, 13]
+    ref = _reference(model, prompts, max_news, seed=5, temperature=1.0)
+    calls = {}
+    for batch in (1, 4):
+        got, engine = _run_engine(model, prompts, max_news, slots=8, seed=5, temperature=1.0,
+                                  decode_steps=16, refill_batch=batch)
+        _assert_same(got, ref)
+        calls[batch] = engine.stats()["prefill_calls"]
+        assert engine.refill_batch == batch and engine.stats()["device_wait_s"] > 0
+    assert calls[4] < calls[1], calls
+    assert eng.Engine(model, slots=16, max_len=96).refill_batch == 2  # default: an eighth
 
 
 def test_engine_generate_matches_generate_with_group_sharing(model):
