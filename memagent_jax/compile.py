@@ -253,8 +253,11 @@ def compile_rl_step(cfg: Config, topology: str, *, config_name: str = "",
     for key in ("mask", "advantages", "sampler_logp") + (("ref_logp",) if ref else ()):
         batch[key] = _abstract((B, width), jnp.float32, bsh)
     den = _abstract((), jnp.float32, repl)
+    dropping = model.lora is not None and model.lora.dropout > 0  # the adapters' dropout key
+    dropout_rng = _abstract((2,), jnp.uint32, repl) if dropping else None
     attempt("micro-batch gradient", mb,
-            lambda: micro_batch_grads.lower(graphdef, params, batch, den, settings, frozen).compile(),
+            lambda: micro_batch_grads.lower(graphdef, params, batch, den, settings, frozen,
+                                            dropout_rng).compile(),
             o_bytes + p_bytes + ref, "AdamW state + gradient accumulator" + ref_what)
     attempt("accumulate", "gradients + accumulator",
             lambda: accumulate.lower(params, params).compile(), p_bytes + o_bytes + ref + base,

@@ -26,7 +26,7 @@ class LoraSection:
 
     rank: int = 0
     alpha: float = 0.0  # 0 = rank (scale alpha / rank = 1)
-    dropout: float = 0.0  # must be 0 (the training forward carries no RNG)
+    dropout: float = 0.0  # PEFT's lora_dropout: share of the adapter input zeroed in training, in [0, 1)
     targets: list = dataclasses.field(default_factory=lambda: [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     # merged: the rollout decodes W + (alpha/rank) A @ B (faster; new buffers for the targets);

@@ -14,8 +14,8 @@ from tiny_policy import tiny_model
 from memagent_jax.config import load_config
 from memagent_jax.errors import InputError
 from memagent_jax.models.lora import (
-    LORA_TARGETS, LoraConfig, LoraParam, add_lora, adapter_delta, freeze_base, merged,
-    split_trainable, zero_adapters,
+    LORA_TARGETS, LoraConfig, LoraParam, add_lora, adapter_delta, freeze_base, lora_dropout,
+    merged, split_trainable, zero_adapters,
 )
 from memagent_jax.rl.train_step import (
     LossSettings, init_policy_state, init_train_state, make_apply_update, make_optimizer,
@@ -31,9 +31,11 @@ def _logits(model, ids):
     return model(ids)
 
 
-def _adapted(rank: int = 4, targets: tuple[str, ...] = LORA_TARGETS, seed: int = 0, **model_kw):
+def _adapted(rank: int = 4, targets: tuple[str, ...] = LORA_TARGETS, seed: int = 0,
+             dropout: float = 0.0, **model_kw):
     """A tiny fp32 policy with adapters whose B is non-zero (as after training)."""
-    model = add_lora(tiny_model(**model_kw), LoraConfig(rank=rank, alpha=2.0 * rank, targets=targets))
+    model = add_lora(tiny_model(**model_kw), LoraConfig(rank=rank, alpha=2.0 * rank, targets=targets,
+                                                         dropout=dropout))
     graphdef, adapters, frozen = split_trainable(model)
     rng = np.random.default_rng(seed)  # host noise: no per-shape compiles
     adapters = jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape, np.float32), adapters)
@@ -137,6 +139,62 @@ def test_sft_trains_adapters_only():
     assert history[-1]["loss"] < history[0]["loss"]
 
 
+# --------------------------------------------------------------------------------- dropout
+def test_lora_dropout_zeroes_its_rate_and_keeps_the_expectation():
+    x = jnp.full((200_000,), 2.0, jnp.float32)
+    y = np.asarray(lora_dropout(x, jax.random.key(1), 0.25))
+    assert abs((y == 0).mean() - 0.25) < 0.005  # 3 sigma of a binomial(200k, 0.25) share
+    np.testing.assert_allclose(y[y != 0], 2.0 / 0.75, rtol=1e-6)  # the kept ones, rescaled
+    assert abs(y.mean() - 2.0) < 0.02
+    np.testing.assert_array_equal(y, np.asarray(lora_dropout(x, jax.random.key(1), 0.25)))
+    assert not np.array_equal(y, np.asarray(lora_dropout(x, jax.random.key(2), 0.25)))
+
+
+@nnx.jit
+def _dropped_logits(model, ids, key):
+    return model(ids, dropout_rng=key)
+
+
+def test_dropout_acts_on_the_adapter_path_of_training_forwards_only():
+    model = _adapted(dropout=0.5)
+    undropped = np.asarray(_logits(_adapted(dropout=0.0), IDS))
+    # no key (rollouts, old/reference log-probs, evaluation): exactly the policy without dropout
+    np.testing.assert_array_equal(np.asarray(_logits(model, IDS)), undropped)
+    k1, k2 = jax.random.key(1), jax.random.key(2)
+    a, b = np.asarray(_dropped_logits(model, IDS, k1)), np.asarray(_dropped_logits(model, IDS, k2))
+    assert np.abs(a - undropped).max() > 1e-3 and np.abs(a - b).max() > 1e-3
+    np.testing.assert_array_equal(a, np.asarray(_dropped_logits(model, IDS, k1)))  # key-determined
+    # only the adapter path drops: with B = 0 (fresh adapters) a key changes nothing
+    fresh = add_lora(tiny_model(), LoraConfig(rank=4, alpha=8.0, dropout=0.5))
+    np.testing.assert_allclose(np.asarray(_dropped_logits(fresh, IDS, k1)),
+                               np.asarray(_logits(tiny_model(), IDS)), atol=1e-6, rtol=0)
+
+
+def test_dropout_keys_reach_the_rl_and_sft_gradients():
+    from memagent_jax.rl.sft import SFTSettings, train_sft
+
+    model = _adapted(targets=("q_proj", "up_proj"), dropout=0.3)
+    graphdef, adapters, frozen = split_trainable(model)
+    batch = {"tokens": IDS, "mask": jnp.ones(IDS.shape, jnp.float32),
+             "advantages": jnp.asarray([[1.0] * 12, [-1.0] * 12]),
+             "sampler_logp": jnp.zeros(IDS.shape, jnp.float32)}
+    den, s = jnp.float32(24.0), LossSettings()
+    plain = micro_batch_grads(graphdef, adapters, batch, den, s, frozen)[0]
+    key = np.asarray(jax.random.PRNGKey(4), np.uint32)  # the trainer's seeds.derive key data
+    dropped = micro_batch_grads(graphdef, adapters, batch, den, s, frozen, key)[0]
+    again = micro_batch_grads(graphdef, adapters, batch, den, s, frozen, key)[0]
+    diffs = [float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(dropped))]
+    assert max(diffs) > 1e-4
+    for a, b in zip(jax.tree.leaves(dropped), jax.tree.leaves(again)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    examples = [([5, 6, 7, 8], [9, 10, 11, 2])] * 4
+    settings = SFTSettings(steps=6, batch_size=4, lr=3e-2, warmup_steps=1, pad_multiple=8)
+    _, with_dropout = train_sft(_adapted(targets=("q_proj", "up_proj"), dropout=0.3), examples, settings)
+    _, without = train_sft(_adapted(targets=("q_proj", "up_proj")), examples, settings)
+    assert with_dropout[-1]["loss"] < with_dropout[0]["loss"]
+    assert with_dropout[1]["loss"] != without[1]["loss"]  # the masks changed the steps
+
+
 # ------------------------------------------------------------------------------- bad input
 def test_unknown_target_is_a_clear_error():
     with pytest.raises(InputError, match=r"unknown projection 'qkv'.*q_proj"):
@@ -157,8 +215,10 @@ def test_rank_above_a_target_dimension_is_a_clear_error():
 def test_negative_rank_and_dropout_are_clear_errors():
     with pytest.raises(InputError, match=r"model.lora.rank=-1 must be >= 0.*command line"):
         load_config(None, ["model.lora.rank=-1"])
-    with pytest.raises(InputError, match=r"dropout=0.1.*not implemented"):
-        load_config(None, ["model.lora.rank=4", "model.lora.dropout=0.1"])
+    for bad in ("1.0", "-0.1"):
+        with pytest.raises(InputError, match=rf"model.lora.dropout={bad} must be in \[0, 1\)"):
+            load_config(None, ["model.lora.rank=4", f"model.lora.dropout={bad}"])
+    assert load_config(None, ["model.lora.rank=4", "model.lora.dropout=0.1"]).model.lora.dropout == 0.1
 
 
 def test_base_that_does_not_fit_the_frozen_dtype_is_a_clear_error():

@@ -1,5 +1,5 @@
-"""A LoRA RL run end to end on a tiny HF base: checkpoints hold only the adapters, a resumed run
-equals an uninterrupted one bitwise, and `export --adapter` writes a PEFT folder that
+"""A LoRA RL run end to end on a tiny HF base (adapter dropout on): checkpoints hold only the
+adapters, a resumed run equals an uninterrupted one bitwise (the dropout masks too), and `export --adapter` writes a PEFT folder that
 transformers + peft load on the base with our merged policy's logits."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from test_trainer import _cfg
 
 ESSAYS = Path(__file__).resolve().parent.parent / "memagent_jax" / "data" / "essays"
-LORA = ("model.lora.rank=4", "model.lora.alpha=8", "rollout.group_size=4", "rl.train_batch_size=2",
+LORA = ("model.lora.rank=4", "model.lora.alpha=8", "model.lora.dropout=0.1", "rollout.group_size=4", "rl.train_batch_size=2",
         "rl.gen_batch_size=2", "rl.mini_batch_size=1", "rl.filter_groups=false", "optim.lr=0.05",
         "optim.weight_decay=0.0", "rl.kl_coef=0.01", "trainer.save_every=1")
 
@@ -90,6 +90,7 @@ def test_lora_run_resumes_exactly_and_exports_a_peft_adapter(base_model, tmp_pat
     np.testing.assert_allclose(np.asarray(from_pretrained(out)(ids)), ours, atol=1e-4)
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8.0 and config["peft_type"] == "LORA"
+    assert config["lora_dropout"] == 0.1
     assert config["base_model_name_or_path"] == str(base_model)
 
     peft = pytest.importorskip("peft", reason="peft is the test-only dependency for this check")

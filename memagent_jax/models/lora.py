@@ -50,7 +50,9 @@ class LoraConfig:
     """Adapter settings (hashable: part of the model config, a static argument of every program).
 
     `dtype`: the adapters' storage dtype (the run's model.param_dtype; the frozen base is stored
-    in model.dtype). `dropout` must be 0: the forward has no training RNG (see `lora_from_section`).
+    in model.dtype). `dropout`: PEFT's lora_dropout, the rate at which the adapter path's input
+    is zeroed in training forwards (those given a `dropout_rng`; rollouts, old/reference
+    log-probs and evaluation never drop).
     """
 
     rank: int
@@ -93,7 +95,7 @@ def target_dims(model_config: Any, target: str) -> tuple[int, int]:
 
 
 def check_lora(lora: LoraConfig, model_config: Any, where: str | None = None) -> None:
-    """InputError for a rank above a target's smaller dimension or a dropout other than 0."""
+    """InputError for a rank above a target's smaller dimension or a dropout outside [0, 1)."""
     if lora.rank < 1:
         raise InputError(f"model.lora.rank={lora.rank} must be >= 1 for adapters", where,
                          "set model.lora.rank=0 for full-parameter training, or a rank >= 1")
@@ -108,9 +110,23 @@ def check_lora(lora: LoraConfig, model_config: Any, where: str | None = None) ->
 
 
 def _check_dropout(dropout: float, where: str | None) -> None:
-    if dropout != 0.0:
-        raise InputError(f"model.lora.dropout={dropout}: adapter dropout is not implemented "
-                         "(the training forward carries no RNG)", where, "set model.lora.dropout=0")
+    if not 0.0 <= dropout < 1.0:
+        raise InputError(f"model.lora.dropout={dropout} must be in [0, 1) (the share of the adapter "
+                         "path's inputs zeroed in training)", where,
+                         "set model.lora.dropout to 0 (off) or a rate such as 0.05")
+
+
+def lora_dropout(x: jax.Array, key: jax.Array, rate: float) -> jax.Array:
+    """Inverted dropout of the adapter path's input (PEFT's lora_dropout): each element is zeroed
+    with probability `rate` and the rest scaled by 1 / (1 - rate), so its expectation is x."""
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(key, keep, x.shape)
+    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+
+
+def dropout_key(rng: jax.Array, layer: jax.Array, target: str) -> jax.Array:
+    """The dropout key of one target projection in one layer (independent masks everywhere)."""
+    return jax.random.fold_in(jax.random.fold_in(rng, layer), LORA_TARGETS.index(target))
 
 
 def lora_shapes(model_config: Any) -> dict[str, tuple[int, ...]]:

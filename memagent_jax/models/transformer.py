@@ -18,7 +18,9 @@ import numpy as np
 from flax import nnx
 
 from memagent_jax.models.attention import causal_attention, live_cache_attention, xla_attention
-from memagent_jax.models.lora import init_adapters, lora_logical_axes, lora_shapes
+from memagent_jax.models.lora import (
+    dropout_key, init_adapters, lora_dropout, lora_logical_axes, lora_shapes,
+)
 from memagent_jax.models.model_config import ModelConfig, dtype_from_name
 from memagent_jax.models.sharding import constrain_batch
 
@@ -222,9 +224,10 @@ class Decoder(nnx.Module):
             self.lm_head = nnx.Param(init(rngs.params(), shapes["lm_head"], pdtype))
 
     # --------------------------------------------------------------------------- public
-    def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None, *,
+                 dropout_rng: jax.Array | None = None) -> jax.Array:
         """Causal forward without cache: int32 [B, T] -> fp32 logits [B, T, V]."""
-        hidden, _ = self.hidden_states(input_ids, positions)
+        hidden, _ = self.hidden_states(input_ids, positions, dropout_rng=dropout_rng)
         return self.logits(hidden)
 
     def output_weight(self) -> jax.Array:
@@ -247,6 +250,7 @@ class Decoder(nnx.Module):
         cache: KVCache | None = None,
         cache_index: jax.Array | None = None,
         from_start: bool = False,
+        dropout_rng: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Runs the blocks; returns final-normed hidden states [B, T, D] and the updated cache.
 
@@ -257,6 +261,8 @@ class Decoder(nnx.Module):
         `from_start=True` says the cache holds nothing before these tokens (cache_index 0 for
         every row): the keys are then only the T new ones and the attention is the causal one of
         `model.attention`, as without a cache (a whole-prompt prefill with a flash kernel).
+        `dropout_rng` (training forwards only): applies the LoRA adapters' dropout
+        (model.lora.dropout; without adapters or at rate 0 it changes nothing).
         """
         cfg = self.config
         dtype = dtype_from_name(cfg.dtype)
@@ -276,12 +282,14 @@ class Decoder(nnx.Module):
 
         mm = linear if cfg.remat == "none" else jnp.matmul
         lora = cfg.lora
+        dropping = lora is not None and lora.dropout > 0 and dropout_rng is not None
 
-        def proj(x: jax.Array, p: dict[str, jax.Array], name: str) -> jax.Array:
-            """x @ W, plus (alpha/rank) (x @ A) @ B when `name` carries an adapter (lora.py)."""
+        def proj(x: jax.Array, p: dict[str, jax.Array], name: str, layer: jax.Array) -> jax.Array:
+            """x @ W, plus (alpha/rank) (dropout(x) @ A) @ B when `name` carries an adapter (lora.py)."""
             y = mm(x, p[name].astype(dtype))
             if lora is not None and name in lora.targets:
-                low = mm(x, p[f"{name}_lora_a"].astype(dtype))
+                x_a = lora_dropout(x, dropout_key(dropout_rng, layer, name), lora.dropout) if dropping else x
+                low = mm(x_a, p[f"{name}_lora_a"].astype(dtype))
                 y = y + mm(low, p[f"{name}_lora_b"].astype(dtype)) * jnp.asarray(lora.scale, dtype)
             return y
 
@@ -290,7 +298,7 @@ class Decoder(nnx.Module):
             h = constrain_batch(h)  # the layer's input keeps the batch sharding (sharding.py)
             p, i = xs
             a = rms_norm(h, p["input_norm"], cfg.rms_norm_eps)
-            q, k, v = proj(a, p, "q_proj"), proj(a, p, "k_proj"), proj(a, p, "v_proj")
+            q, k, v = proj(a, p, "q_proj", i), proj(a, p, "k_proj", i), proj(a, p, "v_proj", i)
             if cfg.qkv_bias:
                 q, k, v = (q + p["q_bias"].astype(dtype), k + p["k_bias"].astype(dtype),
                            v + p["v_bias"].astype(dtype))
@@ -308,10 +316,10 @@ class Decoder(nnx.Module):
                 att = causal_attention(q, k, v, mask, cfg.attention)
             else:  # prefill / decode over the cache's live part: per-row offsets, materialised
                 att = live_cache_attention(q, ck, cv, i, query_slot)
-            h = h + proj(att, p, "o_proj")
+            h = h + proj(att, p, "o_proj", i)
             m = rms_norm(h, p["post_norm"], cfg.rms_norm_eps)
-            gated = jax.nn.silu(proj(m, p, "gate_proj")) * proj(m, p, "up_proj")
-            h = constrain_batch(h + proj(gated, p, "down_proj"))
+            gated = jax.nn.silu(proj(m, p, "gate_proj", i)) * proj(m, p, "up_proj", i)
+            h = constrain_batch(h + proj(gated, p, "down_proj", i))
             return (h, ck, cv), None
 
         carry = (x, None if cache is None else cache.k, None if cache is None else cache.v)

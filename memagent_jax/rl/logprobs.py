@@ -69,15 +69,17 @@ def token_logprobs(
     temperature: float = 1.0,
     chunk: int = 256,
     with_entropy: bool = False,
+    dropout_rng: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """logp[b, t] = log softmax(logits[b, t-1] / T)[tokens[b, t]] for t >= 1; logp[:, 0] = 0.
 
     Returns (logp [B, T] fp32, entropy [B, T] fp32 or None). Entropy is of the same tempered
     distribution, at the position predicting token t. `chunk`: tokens per device per slice of
-    the LM head (positions = chunk // rows on one device, at least 1).
+    the LM head (positions = chunk // rows on one device, at least 1). `dropout_rng`: a training
+    forward's key for the LoRA adapters' dropout (None: no dropout).
     """
     B, T = tokens.shape
-    hidden, _ = model.hidden_states(tokens)
+    hidden, _ = model.hidden_states(tokens, dropout_rng=dropout_rng)
     hidden = hidden[:, :-1]  # position t-1 predicts token t
     targets = tokens[:, 1:]
     n = T - 1

@@ -26,6 +26,7 @@ from memagent_jax.agent.memory import MemoryPolicy
 from memagent_jax.agent.prompts import PromptBuilder
 from memagent_jax.rl.logprobs import token_logprobs
 from memagent_jax.rl.train_step import TrainState, init_policy_state, merge_policy
+from memagent_jax.seeds import derive
 
 Example = tuple[list[int], list[int]]  # (prompt ids, response ids incl. EOS), or a TeacherTurn
 
@@ -128,13 +129,15 @@ def pad_batch(examples: Sequence[Example | MaskedSequence], rows: int, pad_id: i
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "tx", "chunk"), donate_argnums=(1,))
 def sft_step(graphdef: Any, state: TrainState, tokens: jax.Array, mask: jax.Array, *,
-             tx: optax.GradientTransformation, chunk: int, frozen: Any = None
-             ) -> tuple[TrainState, dict[str, jax.Array]]:
+             tx: optax.GradientTransformation, chunk: int, frozen: Any = None,
+             dropout_rng: jax.Array | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One AdamW step on the token-mean NLL of the masked (response) tokens; with LoRA the state
-    holds the adapters and `frozen` the base weights (not differentiated)."""
+    holds the adapters, `frozen` the base weights (not differentiated) and `dropout_rng` the
+    key of the adapters' dropout (None: none)."""
 
     def loss_fn(params: Any) -> tuple[jax.Array, jax.Array]:
-        logp, _ = token_logprobs(merge_policy(graphdef, params, frozen), tokens, chunk=chunk)
+        logp, _ = token_logprobs(merge_policy(graphdef, params, frozen), tokens, chunk=chunk,
+                                 dropout_rng=dropout_rng)
         n = jnp.maximum(mask.sum(), 1.0)
         return -(logp * mask).sum() / n, (jnp.exp(logp) * mask).sum() / n
 
@@ -174,6 +177,8 @@ def train_sft(model: Any, examples: Sequence[Example | MaskedSequence], settings
             raise ValueError(f"train_sft: weights must be {len(examples)} non-negative numbers, not all 0")
         probs = probs / probs.sum()
     schedule = _schedule(settings)
+    lora = getattr(model.config, "lora", None)
+    dropping = lora is not None and lora.dropout > 0  # the adapters' dropout: a stream per step
     for step in range(settings.steps):
         if probs is not None:
             picked = rng.choice(len(examples), size=settings.batch_size, p=probs).tolist()
@@ -183,7 +188,8 @@ def train_sft(model: Any, examples: Sequence[Example | MaskedSequence], settings
             picked, order = order[:settings.batch_size], order[settings.batch_size:]
         batch = pad_batch([examples[i] for i in picked], rows, pad_id, settings.pad_multiple)
         state, m = sft_step(graphdef, state, jnp.asarray(batch["tokens"]), jnp.asarray(batch["mask"]),
-                            tx=tx, chunk=settings.logprob_chunk, frozen=frozen)
+                            tx=tx, chunk=settings.logprob_chunk, frozen=frozen,
+                            dropout_rng=derive(settings.seed, step, 8) if dropping else None)
         metrics = {k: float(v) for k, v in jax.device_get(m).items()}
         metrics["lr"] = float(schedule(step))
         history.append({"step": step + 1, **metrics})

@@ -116,10 +116,11 @@ def sequence_logprobs(graphdef: Any, params: Any, tokens: jax.Array, *, temperat
 
 
 def _loss(params: Any, graphdef: Any, batch: dict[str, jax.Array], denominator: jax.Array,
-          s: LossSettings, frozen: Any = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+          s: LossSettings, frozen: Any = None, dropout_rng: jax.Array | None = None
+          ) -> tuple[jax.Array, dict[str, jax.Array]]:
     model = merge_policy(graphdef, params, frozen)
     logp, entropy = token_logprobs(model, batch["tokens"], temperature=s.temperature,
-                                   chunk=s.logprob_chunk, with_entropy=True)
+                                   chunk=s.logprob_chunk, with_entropy=True, dropout_rng=dropout_rng)
     mask = batch["mask"]
     # On-policy shortcut: without recomputed old log-probs the ratio is exactly 1.
     old = batch["old_logp"] if "old_logp" in batch else jax.lax.stop_gradient(logp)
@@ -140,12 +141,13 @@ def _loss(params: Any, graphdef: Any, batch: dict[str, jax.Array], denominator: 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "settings"))
 def micro_batch_grads(graphdef: Any, params: Any, batch: dict[str, jax.Array],
-                      denominator: jax.Array, settings: LossSettings, frozen: Any = None
-                      ) -> tuple[Any, dict[str, jax.Array]]:
+                      denominator: jax.Array, settings: LossSettings, frozen: Any = None,
+                      dropout_rng: jax.Array | None = None) -> tuple[Any, dict[str, jax.Array]]:
     """Gradient of numerator / global denominator for one micro-batch (with respect to `params`
-    only: with LoRA, the adapters), and its metric sums."""
+    only: with LoRA, the adapters), and its metric sums. `dropout_rng`: the key of the LoRA
+    adapters' dropout in this forward (None when model.lora.dropout is 0)."""
     grads, aux = jax.grad(_loss, has_aux=True)(params, graphdef, batch, denominator, settings,
-                                               frozen)
+                                               frozen, dropout_rng)
     return constrain_params(grads, merge_policy(graphdef, params, frozen).config), aux
 
 

@@ -132,6 +132,7 @@ class Trainer:
                                  weight_decay=cfg.optim.weight_decay, grad_clip=cfg.optim.grad_clip)
         # With LoRA the state holds the adapters only; `frozen` is the base (models/lora.py).
         self.graphdef, self.state, self.frozen = init_policy_state(model, self.tx, mesh)
+        self.lora = getattr(model.config, "lora", None)
         self.ref_params = None
         if rl.kl_coef > 0:  # the reference: the initial policy; with LoRA the base (zero adapters)
             self.ref_params = (jax.tree.map(jnp.copy, self.state.params) if self.frozen is None
@@ -333,6 +334,8 @@ class Trainer:
         sums: dict[str, float] = {}
         dens, norms, skipped = [], [], 0
         multiple = batch_multiple(self.mesh)
+        dropping = self.lora is not None and self.lora.dropout > 0
+        micro_index = 0
         for _ in range(rl.ppo_epochs):
             for mini in group_mini_batches(batch.group_ids, self.num_minis, rng):
                 den = global_denominator(batch.response_mask[mini], rl.agg)
@@ -340,10 +343,14 @@ class Trainer:
                 for rows in pack_micro_batches(lengths[mini], rl.micro_batch_tokens):
                     rows = mini[rows]
                     arrays = micro_batch_arrays(batch, rows, lengths, multiple, extra)
+                    # the adapters' dropout masks: one stream per (RL step, micro-batch)
+                    dropout_rng = (derive(self.cfg.trainer.seed, self.rl_step, 8, micro_index)
+                                   if dropping else None)
+                    micro_index += 1
                     grads, aux = micro_batch_grads(self.graphdef, self.state.params,
                                                    self._rows_on_device(arrays),
                                                    jnp.float32(max(den, 1e-8)), self.settings,
-                                                   self.frozen)
+                                                   self.frozen, dropout_rng)
                     acc_grads = grads if acc_grads is None else accumulate(acc_grads, grads)
                     mini_sums = aux if mini_sums is None else jax.tree.map(jnp.add, mini_sums, aux)
                 self.state, norm, skip = self.apply_update(self.state, acc_grads)
