@@ -218,6 +218,26 @@ def test_default_demo_starts_from_the_shipped_base(tmp_path):
         run_demo(out_dir=tmp_path / "x", config=MICRO, ship_base=True)
 
 
+def test_demo_sft_stage_on_lora_adapters(tmp_path):
+    """With model.lora the warm start trains adapters over the frozen base: the merged sft/hf
+    differs from the base only in the targeted projections, and sft/adapter is its PEFT adapter."""
+    from safetensors.numpy import load_file
+
+    out = tmp_path / "demo"
+    lora = ["demo.from_scratch=false", "model.lora.rank=4", "model.lora.targets=[q,up]",
+            "model.lora.dropout=0.05", "demo.sft_lr=0.01"]
+    run_demo(out_dir=out, fresh=True, config=MICRO, overrides=lora, until="sft")
+    base = load_file(out / "pretrain" / "hf" / "model.safetensors")
+    warm = load_file(out / "sft" / "hf" / "model.safetensors")
+    assert set(base) == set(warm)
+    moved = {k for k in base if not np.array_equal(base[k], warm[k])}
+    assert moved and all(".q_proj." in k or ".up_proj." in k for k in moved), sorted(moved)
+    config = json.loads((out / "sft" / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and sorted(config["target_modules"]) == ["q_proj", "up_proj"]
+    assert config["base_model_name_or_path"] == str(out / "pretrain" / "hf")
+    assert json.loads((out / "sft" / "done.json").read_text())["lora_rank"] == 4
+
+
 def test_wilson_interval_holds_its_proportion_at_the_edges():
     """A perfect (or zero) score's interval ends exactly at it: the report's error bars need
     non-negative lengths (200/200 once rounded the upper bound below 1.0)."""

@@ -7,7 +7,9 @@ unless an earlier stage ran in this invocation; `--fresh` deletes the run folder
   data       needle documents measured in those tokens (demo/task.py): pretraining, SFT and RL
              sets at the training length, and unseen evaluation documents at each multiple
   pretrain   the base model: multi-query in-context lookup over whole documents (demo/pretrain.py)
-  sft        teacher transcripts through the RL prompts -> warm start from the base (rl/sft.py)
+  sft        teacher transcripts through the RL prompts -> warm start from the base (rl/sft.py);
+             with model.lora.rank > 0 on adapters over the frozen base (merged into sft/hf,
+             the PEFT adapter in sft/adapter), and the RL stage on fresh adapters over that
   rl         DAPO `Trainer` from the warm start (dynamic sampling, overlong shaping, orbax);
              resumes from its checkpoints; the final policy is exported to `<run>/hf`
   eval       RL policy, warm start, the base reading the whole document (full-context baseline)
@@ -183,22 +185,30 @@ def stage_pretrain(run: Run) -> dict[str, Any]:
 def stage_sft(run: Run) -> dict[str, Any]:
     from memagent_jax.demo.task import NeedleTeacher, read_jsonl
     from memagent_jax.models import from_pretrained
+    from memagent_jax.models.peft_adapter import save_adapter
     from memagent_jax.rl.sft import SFTSettings, teacher_transcripts
     from memagent_jax.tokenizer import load_tokenizer
-    from memagent_jax.train_run import export_model
+    from memagent_jax.train_run import export_model, load_train_policy
 
     tok, d = load_tokenizer(run.path("tokenizer")), run.demo
     policy, builder = agent_parts(run, tok, d.sft_max_chunks)
     examples = teacher_transcripts(read_jsonl(run.path("data", "sft.jsonl")), policy=policy,
                                    builder=builder, tokenizer=tok, teacher=NeedleTeacher(d.careless))
     model = from_pretrained(run.path("pretrain", "hf"))
+    lora = run.cfg.model.lora.rank > 0
+    if lora:  # model.lora: adapters over the base frozen in model.dtype (train_run.py)
+        model, _ = load_train_policy(run.cfg, seed=d.seed, model=model, tokenizer=tok)
     settings = SFTSettings(steps=d.sft_steps, batch_size=d.sft_batch_size, lr=d.sft_lr,
                            warmup_steps=d.sft_warmup_steps, seed=d.seed)
     model, history = _train(run, "sft", model, examples, settings, tok.pad_id)
-    # the warm start is an agent of the same prompts and budgets (trained on up to sft_max_chunks)
+    # the warm start is an agent of the same prompts and budgets (trained on up to sft_max_chunks);
+    # with LoRA its folder holds the merged model (the RL stage puts fresh adapters on it) and
+    # sft/adapter the PEFT adapter on the base
     export_model(model, tok, run.path("sft", "hf"),
                  agent=dataclasses.replace(run.cfg.agent, max_chunks=d.sft_max_chunks))
-    return {"examples": len(examples), "final_loss": history[-1]["loss"]}
+    if lora:
+        save_adapter(model, run.path("sft", "adapter"), base_model=str(run.path("pretrain", "hf")))
+    return {"examples": len(examples), "final_loss": history[-1]["loss"], "lora_rank": run.cfg.model.lora.rank}
 
 
 def stage_rl(run: Run) -> dict[str, Any]:
