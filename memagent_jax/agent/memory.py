@@ -7,6 +7,8 @@ or name it in config as "module.path:ClassName" (`make_policy` imports it).
 - `overwrite` (MemAgent): token chunks of `chunk_size`; the reply replaces the memory. A thinking
   block (`<think>...</think>`, Qwen3 in thinking mode) is cut from the reply first: the memory
   holds the updated memory only (the trained conversation keeps the whole reply).
+- `append` (a research-fork baseline): the reply is added after the memory, which keeps its last
+  `max_memory_tokens` tokens.
 - `full_context` (baseline): no memory turns; the whole (center-truncated) document is placed in
   the memory slot of the final prompt, so the answer format and verifier stay the same as MemAgent's.
 """
@@ -225,6 +227,33 @@ class OverwritePolicy:
 
     def final_prompt(self, builder: PromptBuilder, question_ids: Sequence[int], memory_ids: Sequence[int]) -> list[int]:
         return builder.final_prompt(question_ids, memory_ids)
+
+
+@register_policy("append")
+@dataclasses.dataclass
+class AppendPolicy(OverwritePolicy):
+    """A research-fork baseline: each reply is ADDED to the memory instead of replacing it.
+
+    The next memory is the old memory followed by the reply (`strip_reply`), truncated to its
+    LAST `max_memory_tokens` tokens (the oldest fall out: a sliding window over what was noted).
+    The first memory (the template's placeholder, e.g. "none") is dropped at the first
+    non-empty reply, so it never sits in front of real notes. Chunking, prompts and the training
+    cap are the overwrite policy's.
+    """
+
+    def initial_memory(self, builder: PromptBuilder, doc_ids: Sequence[int] = ()) -> list[int]:
+        first = list(builder.first_memory_ids)
+        object.__setattr__(self, "_placeholder", first)
+        return first
+
+    def update(self, memory_ids: list[int], reply_ids: Sequence[int], tokenizer: Any) -> tuple[list[int], bool]:
+        new = strip_reply(reply_ids, tokenizer)
+        if not new:
+            return list(memory_ids), False
+        old = [] if list(memory_ids) == getattr(self, "_placeholder", None) else list(memory_ids)
+        joined = old + new
+        capped = len(joined) > self.max_memory_tokens
+        return (joined[-self.max_memory_tokens:] if capped else joined), capped
 
 
 @register_policy("full_context")

@@ -150,13 +150,42 @@ def build_sample(spec: NeedleSpec, tokenizer: Encoder, rng: np.random.Generator,
     value, *dis_values = [values[i] for i in rng.choice(len(values), size=n_dis + 1, replace=False)]
     needles = [(needle_text(key, value), True)] + [(needle_text(k, v), False)
                                                    for k, v in zip(dis_keys, dis_values)]
+    doc = place_needles(spec, tokenizer, rng, needles, key, keys, essays_dir=essays_dir, counter=count)
+    ids = doc.pop("ids")
+    target_chunk = _chunk_of(ids, spec.chunk_size, tokenizer, needle_text(key, value))
+    if target_chunk is None:
+        raise RuntimeError(f"needle task: the target needle is in no chunk of a document for {spec}; "
+                           "the tokenizer does not split on spaces as expected")
+    return {
+        "id": f"needle-{spec.name}-{spec.num_chunks}x{spec.chunk_size}-{index}",
+        "question": question_text(key), "context": doc["context"], "answers": [value],
+        "key": key, "value": value, "needle_chunk": target_chunk,
+        "distractor_keys": dis_keys[:doc["placed"] - 1], "needles": doc["needles"],
+        "layout": doc["layout"], "num_chunks": doc["num_chunks"], "num_tokens": doc["num_tokens"],
+    }
+
+
+def place_needles(spec: NeedleSpec, tokenizer: Encoder, rng: np.random.Generator,
+                  needles: Sequence[tuple[str, bool]], key: str, keys: Sequence[str], *,
+                  essays_dir: str = DEFAULT_ESSAYS_DIR, counter: _TokenCounter | None = None
+                  ) -> dict[str, Any]:
+    """Essay haystack of exactly `spec.num_chunks` chunks with `needles` ((text, is_target), the
+    targets first) inside chunks, none straddling a boundary.
+
+    Each needle goes to a random chunk among those that keep a quarter of their tokens haystack,
+    chunks without a needle first (one fact per chunk where possible); needles that find no room
+    are dropped from the end (short documents). Training documents may add plain-word mentions of
+    keys (`spec.max_decoys`, half of them `key`). Returns context, ids, placed (needles kept),
+    needles ((key, value) in document order), layout ([key, value, token offset] each),
+    needle_chunks (each kept needle's chunk, in the order given), num_chunks, num_tokens.
+    """
+    count = counter or _TokenCounter(tokenizer)
+    needles = list(needles)
     target_tokens = spec.num_chunks * spec.chunk_size
     sizes = [count(" " + t) for t, _ in needles]
     if max(sizes) > spec.chunk_size // 2:
         raise ValueError(f"needle task: a needle of {max(sizes)} tokens needs chunk_size >= "
                          f"{2 * max(sizes)} (got {spec.chunk_size})")
-    # Each needle's chunk, at random among chunks that keep a quarter of their tokens haystack
-    # (empty chunks first); distractors that find no room are dropped (short documents).
     load = np.zeros(spec.num_chunks, np.int64)
     chunks_list: list[int] = []
     for n_tok in sizes:  # chunks without a needle first: one fact per chunk where possible
@@ -167,7 +196,7 @@ def build_sample(spec: NeedleSpec, tokenizer: Encoder, rng: np.random.Generator,
             break
         chunks_list.append(int(free[rng.integers(len(free))]))
         load[chunks_list[-1]] += n_tok
-    needles, sizes, dis_keys = needles[:len(chunks_list)], sizes[:len(chunks_list)], dis_keys[:len(chunks_list) - 1]
+    needles, sizes = needles[:len(chunks_list)], sizes[:len(chunks_list)]
     chunks = np.array(chunks_list)
     order = np.lexsort((rng.random(len(needles)), chunks))  # by chunk, random within a chunk
 
@@ -216,22 +245,19 @@ def build_sample(spec: NeedleSpec, tokenizer: Encoder, rng: np.random.Generator,
     context = "".join(it[0] for it in items)
     ids = tokenizer.encode(context)
     n_chunks = -(-len(ids) // spec.chunk_size)
-    target_chunk = _chunk_of(ids, spec.chunk_size, tokenizer, needle_text(key, value))
-    if n_chunks != spec.num_chunks or target_chunk is None:
+    if n_chunks != spec.num_chunks:
         raise RuntimeError(
-            f"needle task: built a document of {len(ids)} tokens ({n_chunks} chunks, target needle in "
-            f"chunk {target_chunk}) for {spec}; the tokenizer does not split on spaces as expected")
+            f"needle task: built a document of {len(ids)} tokens ({n_chunks} chunks) for {spec}; "
+            "the tokenizer does not split on spaces as expected")
     in_order = [needles_in(it[0])[0] for it in items if it[2] is not None]
     offsets = np.cumsum([0] + [it[1] for it in items])[:-1]
     layout = [[k, v, int(o)] for (k, v), o in zip(in_order, (o for o, it in zip(offsets, items)
                                                              if it[2] is not None))]
-    return {
-        "id": f"needle-{spec.name}-{spec.num_chunks}x{spec.chunk_size}-{index}",
-        "question": question_text(key), "context": context, "answers": [value],
-        "key": key, "value": value, "needle_chunk": target_chunk,
-        "distractor_keys": dis_keys, "needles": [[k, v] for k, v in in_order], "layout": layout,
-        "num_chunks": n_chunks, "num_tokens": len(ids),
-    }
+    offset_of = {it[0][1:]: int(o) for o, it in zip(offsets, items) if it[2] is not None}
+    return {"context": context, "ids": ids, "placed": len(needles),
+            "needles": [[k, v] for k, v in in_order], "layout": layout,
+            "needle_chunks": [offset_of[t] // spec.chunk_size for t, _ in needles],
+            "num_chunks": n_chunks, "num_tokens": len(ids)}
 
 
 def _chunk_of(ids: Sequence[int], chunk_size: int, tokenizer: Any, text: str) -> int | None:
@@ -249,20 +275,22 @@ def layout_key(sample: dict[str, Any]) -> tuple:
 
 def generate(spec: NeedleSpec, tokenizer: Encoder, num_docs: int, *, seed: int = 0,
              essays_dir: str = DEFAULT_ESSAYS_DIR, progress: Any = None,
-             exclude: set[tuple] | None = None) -> list[dict[str, Any]]:
+             exclude: set[tuple] | None = None, build: Any = None) -> list[dict[str, Any]]:
     """`num_docs` samples of `spec`; the same (spec, seed, exclude) gives the same samples.
 
     A document whose `layout_key` is in `exclude` (e.g. the training sets' layouts) is redrawn.
-    `progress(n)` (e.g. a tqdm bar's update) is called after each document.
+    `progress(n)` (e.g. a tqdm bar's update) is called after each document. `build`: the sample
+    builder (default `build_sample`; the multi-value task's is `multivalue.build_sample`).
     """
+    build = build or build_sample
     tags = [zlib.crc32(spec.name.encode()), spec.num_chunks, spec.chunk_size]
     rng = np.random.default_rng([int(seed), *tags])
     counter = _TokenCounter(tokenizer)
     keys = task_keys(tokenizer, spec.num_keys)
     out = []
     while len(out) < num_docs:
-        sample = build_sample(spec, tokenizer, rng, essays_dir=essays_dir, counter=counter,
-                              keys=keys, index=len(out))
+        sample = build(spec, tokenizer, rng, essays_dir=essays_dir, counter=counter,
+                       keys=keys, index=len(out))
         if exclude and layout_key(sample) in exclude:
             continue
         out.append(sample)
