@@ -148,7 +148,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from memagent_jax.demo import run_demo
 
-    run_demo(out_dir=args.out, fresh=args.fresh, config=args.config, overrides=args.overrides,
+    config, overrides = args.config, list(args.overrides or [])
+    if args.task is not None:  # the task's own config unless one is named; the task key wins
+        config = config or ("tiny_multivalue" if args.task == "multivalue" else "tiny")
+        overrides.append(f"demo.task={args.task}")
+    run_demo(out_dir=args.out, fresh=args.fresh, config=config or "tiny", overrides=overrides,
              from_scratch=args.from_scratch, ship_base=args.ship_base, until=args.until)
     return 0
 
@@ -206,7 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = add("demo", help="the embedded default: train + evaluate a tiny memory agent")
     d.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     d.add_argument("--fresh", action="store_true", help="start over instead of resuming stages")
-    d.add_argument("--config", default="tiny", help="config name or YAML path (default tiny)")
+    d.add_argument("--config", default=None,
+                   help="config name or YAML path (default tiny; with --task multivalue tiny_multivalue)")
+    d.add_argument("--task", choices=("needle", "multivalue"), default=None,
+                   help="the demo's task: needle (one value per question, the default) or multivalue "
+                        "(several values of one key in distinct chunks; the memory must keep them)")
     d.add_argument("--from-scratch", action="store_true",
                    help="train the tokenizer and the base model here instead of using the shipped base")
     d.add_argument("--ship-base", action="store_true",

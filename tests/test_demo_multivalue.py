@@ -108,3 +108,46 @@ def test_append_policy_adds_replies_and_keeps_the_last_tokens():
     memory, capped = policy.update(memory, tok.encode("efg"), tok)  # 7 > 6: the oldest falls out
     assert (memory, capped) == (tok.encode("bcdefg"), True)
     assert policy.split(list(range(10)), training=True) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_micro_multivalue_demo_end_to_end(tmp_path):
+    """configs/micro_multivalue.yaml through every stage: multi-value documents, the memory
+    policies compared (overwrite and append with the RL and warm-start models), digit F1, the
+    task's targets and report."""
+    import json
+
+    from memagent_jax.demo import STAGES, run_demo
+
+    out = tmp_path / "demo"
+    result = run_demo(out_dir=out, fresh=True, config="micro_multivalue")
+    assert result["stages"] == {s: "ran" for s in STAGES}
+    rl_docs = [json.loads(ln) for ln in (out / "data" / "rl.jsonl").read_text().splitlines()]
+    assert all(d["id"].startswith("multivalue-") and len(d["values"]) >= 2 for d in rl_docs)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "multivalue"
+    policies = {"rl", "warm_start", "rl_append", "warm_start_append", "full_context", "no_document"}
+    assert set(summary["accuracy"]) == policies and set(summary["digit_f1"]) == policies
+    for by_len in summary["digit_f1"].values():
+        assert set(by_len) == {"1x", "2x"} and all(0.0 <= v <= 1.0 for v in by_len.values())
+    assert {"rl_vs_warm_start_1x", "memory_policies_differ"} <= set(summary["targets"])
+    report = (out / "report.md").read_text()
+    assert "What are all the secret codes" in report and "| RL model, append memory |" in report
+    assert "Digit F1" in report
+
+
+def test_demo_task_flag_picks_the_task_and_its_config(tmp_path):
+    import yaml
+
+    from memagent_jax.cli import main
+
+    assert main(["demo", "--task", "multivalue", "--out", str(tmp_path / "a"), "--until", "tokenizer"]) == 0
+    saved = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
+    assert saved["demo"]["task"] == "multivalue" and saved["agent"]["max_final_new_tokens"] == 20
+    assert main(["demo", "--task", "multivalue", "--config", "micro", "--out", str(tmp_path / "b"),
+                 "--until", "tokenizer"]) == 0  # a named config, the task's documents
+    saved = yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())
+    assert saved["demo"]["task"] == "multivalue" and saved["demo"]["eval_multiples"] == [1, 2]
+    with pytest.raises(ValueError, match="known tasks are needle, multivalue"):
+        from memagent_jax.demo import load_demo_config
+
+        load_demo_config("micro", ["demo.task=nope"])

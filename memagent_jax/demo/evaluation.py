@@ -40,20 +40,26 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
 
 
 def _score(result: Any) -> dict[str, Any]:
-    """accuracy, its 95% interval, sub_em and the count of right answers of a rollout."""
+    """accuracy, its 95% interval, sub_em, digit F1 (the multi-value task's partial credit) and
+    the count of right answers of a rollout."""
+    from memagent_jax.demo.multivalue import digit_f1
+
     acc = [R.verify(t.answer_text, t.ground_truths) for t in result.trajectories]
     sub = [R.sub_em(R.boxed_answer(t.answer_text), t.ground_truths) for t in result.trajectories]
+    f1 = [digit_f1(t.answer_text, t.ground_truths[0]) for t in result.trajectories]
     right = int(round(sum(acc)))
     return {"accuracy": float(np.mean(acc)), "interval": list(wilson_interval(right, len(acc))),
-            "sub_em": float(np.mean(sub)), "right": right}
+            "sub_em": float(np.mean(sub)), "digit_f1": float(np.mean(f1)), "right": right}
 
 
 def _trace(result: Any, samples: list[dict], n: int = 2, keep: int = 6) -> list[dict[str, Any]]:
     """Memory after each chunk (first `keep` turns, the needle's turn, the last) of n documents."""
     out = []
     for t, s in zip(result.trajectories[:n], samples[:n]):
-        turns = sorted({*range(min(keep, len(t.memories))), s["needle_chunk"], len(t.memories) - 1})
+        facts = s.get("value_chunks", [s["needle_chunk"]])  # the chunks that hold the answer
+        turns = sorted({*range(min(keep, len(t.memories))), *facts, len(t.memories) - 1})
         out.append({"question": s["question"], "answer": s["answers"][0], "needle_chunk": s["needle_chunk"],
+                    "value_chunks": facts,
                     "num_chunks": t.num_chunks, "distractor_keys": s.get("distractor_keys", []),
                     "memories": {int(k): t.memories[k] for k in turns if 0 <= k < len(t.memories)},
                     "final": t.answer_text})
@@ -80,14 +86,12 @@ def evaluate_policies(run: Any) -> dict[str, Any]:
     gen_kwargs = dict(max_memory_new_tokens=a.max_memory_tokens,
                       max_final_new_tokens=a.max_final_new_tokens, seed=d.seed)
     out: dict[str, Any] = {
-        "accuracy": {}, "interval": {}, "sub_em": {}, "seconds": {}, "seconds_per_chunk": {},
+        "accuracy": {}, "interval": {}, "sub_em": {}, "digit_f1": {}, "seconds": {}, "seconds_per_chunk": {},
         "chunks": {k: v[0]["num_chunks"] for k, v in sets.items()},
         "tokens": {k: float(np.mean([s["num_tokens"] for s in v])) for k, v in sets.items()},
         "needle_chance": {k: float(np.mean([1 / len(s["needles"]) for s in v])) for k, v in sets.items()},
         "docs": d.eval_docs, "temperature": d.eval_temperature, "top_p": d.eval_top_p,
         "context_window": d.context_window, "traces": {}}
-    total = 2 * sum(len(v) * v[0]["num_chunks"] for v in sets.values())
-    bar = tqdm(total=total, desc="eval: document-chunks", unit="chunk", disable=not d.progress)
 
     def run_set(gen: Any, policy: Any, samples: list[dict], progress: bool) -> tuple[Any, float]:
         def on_step(k: int, n: int, trajs: list) -> None:
@@ -106,13 +110,23 @@ def evaluate_policies(run: Any) -> dict[str, Any]:
         score = _score(res)
         chunks = sum(max(1, t.num_chunks) for t in res.trajectories)
         for metric, value in (("accuracy", score["accuracy"]), ("interval", score["interval"]),
-                              ("sub_em", score["sub_em"]), ("seconds", seconds),
+                              ("sub_em", score["sub_em"]), ("digit_f1", score["digit_f1"]),
+                              ("seconds", seconds),
                               ("seconds_per_chunk", seconds / chunks)):
             out[metric].setdefault(name, {})[key] = value
 
     first = next(iter(sets))
-    for name, path, policy in (("rl", run.path("hf"), overwrite), ("warm_start", run.path("sft", "hf"), overwrite),
-                               ("full_context", run.path("pretrain", "hf"), full)):
+    evaluated = [("rl", run.path("hf"), overwrite), ("warm_start", run.path("sft", "hf"), overwrite),
+                 ("full_context", run.path("pretrain", "hf"), full)]
+    if d.task == "multivalue":  # memory policies compared: the same models with the append policy
+        append = make_policy("append", chunk_size=a.chunk_size, max_chunks=None,
+                             max_memory_tokens=a.max_memory_tokens)
+        evaluated[2:2] = [("rl_append", run.path("hf"), append),
+                          ("warm_start_append", run.path("sft", "hf"), append)]
+    total = sum(len(v) * v[0]["num_chunks"] for v in sets.values()) * sum(
+        p is not full for _, _, p in evaluated)
+    bar = tqdm(total=total, desc="eval: document-chunks", unit="chunk", disable=not d.progress)
+    for name, path, policy in evaluated:
         model = from_pretrained(path)
         if run.cfg.rollout.engine == "continuous":  # the config's rollout engine, as the RL stage
             gen = engine_generate_fn(model, tok, slots=turn_rows(run.cfg),
@@ -123,10 +137,10 @@ def evaluate_policies(run: Any) -> dict[str, Any]:
                                       max_prompt_len=model.config.max_position_embeddings)
         run_set(gen, policy, sets[first][:8], progress=False)  # untimed: compiles the programs
         for key, samples in sets.items():
-            res, seconds = run_set(gen, policy, samples, progress=policy is overwrite)
+            res, seconds = run_set(gen, policy, samples, progress=policy is not full)
             record(name, key, res, seconds)
-            if name == "rl":
-                out["traces"][key] = _trace(res, samples)
+            if name in ("rl", "rl_append", "warm_start"):
+                out["traces"].setdefault(name, {})[key] = _trace(res, samples)
         if name == "rl":  # the same policy without the document
             for key, samples in sets.items():
                 res, seconds = run_set(gen, policy, [dict(s, context="") for s in samples], progress=False)

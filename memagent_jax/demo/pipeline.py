@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from memagent_jax.config import Config, save_config, to_dict
-from memagent_jax.demo.run import STAGES, DemoSection, Run, agent_parts, load_demo_config
+from memagent_jax.demo.run import STAGES, DemoSection, Run, agent_parts, load_demo_config, task_parts
 
 __all__ = ["STAGES", "DemoSection", "Run", "agent_parts", "load_demo_config", "run_demo"]
 
@@ -81,13 +81,17 @@ def spec(run: Run, chunks: int, name: str, training: bool = True) -> Any:
     """The task's document spec at `chunks` chunks (`name` tags the documents' ids and seeds);
     training documents get up to `demo.max_decoys` plain-word key mentions, and RL documents
     `demo.rl_min_distractors` or more distractors."""
+    from memagent_jax.demo.multivalue import MultiValueSpec
     from memagent_jax.demo.task import NeedleSpec
 
     d = run.demo
     least = d.rl_min_distractors if name == "rl" else d.min_distractors
-    return NeedleSpec(chunk_size=run.cfg.agent.chunk_size, num_chunks=chunks, min_distractors=least,
-                      max_distractors=d.max_distractors, num_keys=d.num_keys, name=name,
-                      max_decoys=d.max_decoys if training else 0)
+    kwargs = dict(chunk_size=run.cfg.agent.chunk_size, num_chunks=chunks, min_distractors=least,
+                  max_distractors=d.max_distractors, num_keys=d.num_keys, name=name,
+                  max_decoys=d.max_decoys if training else 0)
+    if d.task == "multivalue":
+        return MultiValueSpec(**kwargs, min_values=d.min_values, max_values=d.max_values)
+    return NeedleSpec(**kwargs)
 
 
 def stage_data(run: Run) -> dict[str, Any]:
@@ -95,6 +99,7 @@ def stage_data(run: Run) -> dict[str, Any]:
     from memagent_jax.tokenizer import load_tokenizer
 
     tok, d = load_tokenizer(run.path("tokenizer")), run.demo
+    build, _ = task_parts(run)
     if d.sft_max_chunks < d.train_chunks:
         raise ValueError(f"demo.sft_max_chunks={d.sft_max_chunks} must be >= demo.train_chunks={d.train_chunks}")
     rng = np.random.default_rng([d.seed, 11])
@@ -107,7 +112,7 @@ def stage_data(run: Run) -> dict[str, Any]:
     seen: set[tuple] = set()
     sets: dict[str, list] = {}
     for name, chunks, n, seed in train_jobs:
-        samples = T.generate(spec(run, chunks, name), tok, n, seed=seed, progress=bar.update)
+        samples = T.generate(spec(run, chunks, name), tok, n, seed=seed, progress=bar.update, build=build)
         seen |= {T.layout_key(s) for s in samples}
         sets.setdefault(name, []).extend(samples)
     for name, samples in sets.items():
@@ -117,7 +122,7 @@ def stage_data(run: Run) -> dict[str, Any]:
     # Unseen documents: a separate random stream, and no needle layout of a training document.
     for name, m in eval_jobs:
         samples = T.generate(spec(run, d.train_chunks * m, "eval", training=False), tok, d.eval_docs, seed=d.seed + 2,
-                             exclude=seen, progress=bar.update)
+                             exclude=seen, progress=bar.update, build=build)
         T.write_jsonl(samples, run.path("data", f"{name}.jsonl"))
         counts[name] = {"docs": d.eval_docs, "chunks": d.train_chunks * m,
                         "tokens_mean": sum(s["num_tokens"] for s in samples) / max(1, len(samples))}
@@ -183,7 +188,7 @@ def stage_pretrain(run: Run) -> dict[str, Any]:
 
 
 def stage_sft(run: Run) -> dict[str, Any]:
-    from memagent_jax.demo.task import NeedleTeacher, read_jsonl
+    from memagent_jax.demo.task import read_jsonl
     from memagent_jax.models import from_pretrained
     from memagent_jax.models.peft_adapter import save_adapter
     from memagent_jax.rl.sft import SFTSettings, teacher_transcripts
@@ -193,7 +198,7 @@ def stage_sft(run: Run) -> dict[str, Any]:
     tok, d = load_tokenizer(run.path("tokenizer")), run.demo
     policy, builder = agent_parts(run, tok, d.sft_max_chunks)
     examples = teacher_transcripts(read_jsonl(run.path("data", "sft.jsonl")), policy=policy,
-                                   builder=builder, tokenizer=tok, teacher=NeedleTeacher(d.careless))
+                                   builder=builder, tokenizer=tok, teacher=task_parts(run)[1])
     model = from_pretrained(run.path("pretrain", "hf"))
     lora = run.cfg.model.lora.rank > 0
     if lora:  # model.lora: adapters over the base frozen in model.dtype (train_run.py)

@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 
 POLICY_LABELS = {"rl": "RL (DAPO)", "warm_start": "warm start (SFT)",
+                 "rl_append": "RL model, append memory", "warm_start_append": "warm-start model, append memory",
                  "full_context": "full context (base, window)", "no_document": "no document"}
-POLICIES = ("rl", "warm_start", "full_context", "no_document")
+POLICIES = ("rl", "warm_start", "rl_append", "warm_start_append", "full_context", "no_document")
 
 
 def machine() -> str:
@@ -79,8 +80,9 @@ def _plots(run: Any, results: dict[str, Any], curves: dict[str, list[dict]]) -> 
                 ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o-", capsize=3, label=POLICY_LABELS[p])
             else:
                 ax.plot(xs, ys, "o-", label=POLICY_LABELS[p])
-        if metric == "accuracy":
+        if metric == "accuracy" and run.demo.task == "needle":
             ax.plot(xs, [1 / 10] * len(xs), ":", color="grey", label="chance (1 of 10 digits)")
+        if metric == "accuracy":
             ax.set_ylim(-0.05, 1.05)
             ax.set_title(f"{results['docs']} unseen documents per length, 95% intervals", fontsize=9)
         else:
@@ -108,29 +110,50 @@ def _table(results: dict[str, Any], metric: str, policies: tuple[str, ...]) -> s
         if metric == "accuracy":
             cells = [f"{results[metric][p][k]:.1%} [{results['interval'][p][k][0]:.1%}, "
                      f"{results['interval'][p][k][1]:.1%}]" for k in mults]
+        elif metric == "digit_f1":
+            cells = [f"{results[metric][p][k]:.3f}" for k in mults]
         else:
             cells = [f"{results[metric][p][k]:.4f}" for k in mults]
         rows.append(f"| {POLICY_LABELS[p]} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
-def targets(results: dict[str, Any]) -> dict[str, Any]:
-    """The demo's targets, read off the evaluation: RL vs warm start at 1x (+10 points or >= 95%,
-    with non-overlapping 95% intervals), RL at the longest lengths within 5 points of 1x, and the
-    no-document baseline at chance (its interval reaches 10%, or it is below)."""
+def targets(results: dict[str, Any], task: str = "needle") -> dict[str, Any]:
+    """The demo's targets, read off the evaluation.
+
+    needle: RL vs warm start at 1x (+10 points or >= 95%, with non-overlapping 95% intervals), RL
+    at 32x and longer within 5 points of 1x, the no-document baseline at chance (its interval
+    reaches 10%, or it is below). multivalue: RL vs warm start at 1x +15 points with intervals
+    apart, RL at 16x and 32x within 10 points of its 1x, and some pair of memory policies 10 or
+    more points apart at some length with intervals apart."""
     acc, iv = results["accuracy"], results["interval"]
     mults = list(results["chunks"])
     m1 = mults[0]
+    multi = task == "multivalue"
     out: dict[str, Any] = {}
     if "rl" in acc and "warm_start" in acc:
         gain = acc["rl"][m1] - acc["warm_start"][m1]
         apart = iv["rl"][m1][0] > iv["warm_start"][m1][1]
+        enough = gain >= 0.15 if multi else (gain >= 0.10 or acc["rl"][m1] >= 0.95)
         out["rl_vs_warm_start_1x"] = {"gain": round(gain, 4), "intervals_apart": apart,
-                                      "met": (gain >= 0.10 or acc["rl"][m1] >= 0.95) and apart}
+                                      "met": enough and apart}
         for k in mults[1:]:
-            if int(k[:-1]) >= 32:
+            m = int(k[:-1])
+            if (multi and m in (16, 32)) or (not multi and m >= 32):
                 drop = acc["rl"][m1] - acc["rl"][k]
-                out[f"rl_{k}_vs_1x"] = {"drop": round(drop, 4), "met": drop <= 0.05}
+                out[f"rl_{k}_vs_1x"] = {"drop": round(drop, 4), "met": drop <= (0.10 if multi else 0.05)}
+    if multi:
+        memory = [p for p in ("rl", "warm_start", "rl_append", "warm_start_append") if p in acc]
+        best = {"gap": 0.0, "met": False}
+        for i, p in enumerate(memory):
+            for q in memory[i + 1:]:
+                for k in mults:
+                    hi, lo = (p, q) if acc[p][k] >= acc[q][k] else (q, p)
+                    gap = acc[hi][k] - acc[lo][k]
+                    met = gap >= 0.10 and iv[hi][k][0] > iv[lo][k][1]
+                    if (met, gap) > (best["met"], best["gap"]):
+                        best = {"pair": f"{hi} > {lo}", "length": k, "gap": round(gap, 4), "met": met}
+        out["memory_policies_differ"] = best
     if "no_document" in acc:
         out["no_document_at_chance"] = {"max": max(acc["no_document"].values()),
                                         "met": all(iv["no_document"][k][0] <= 0.10 for k in mults)}
@@ -142,6 +165,33 @@ def _one_line(text: str, limit: int = 80) -> str:
     replaced, long text cut with an ellipsis)."""
     flat = text.replace("\n", "\u23ce").replace("`", "'")
     return flat if len(flat) <= limit else flat[:limit] + "\u2026"
+
+
+def _task_text(run: Any, params: int, vocab: int) -> str:
+    """The report's task paragraph."""
+    cfg, d, a = run.cfg, run.demo, run.cfg.agent
+    model = (f"Policy: Qwen2 architecture, {params:,} parameters (hidden {cfg.model.hidden_size}, "
+             f"{cfg.model.num_layers} layers, vocab {vocab}), random init.")
+    unseen = ("the evaluation documents are unseen (a separate random stream, and no needle layout "
+              "of a training document).")
+    if d.task == "multivalue":
+        return (f"Essay haystack in which the question's key has {d.min_values}-{d.max_values} needles "
+                "`The secret code is <key><digit>.`, each in its own chunk, beside "
+                f"{d.min_distractors}-{d.max_distractors} distractor needles with other keys; question "
+                "`What are all the secret codes for <key>?`; the answer is the digits in document "
+                "order, boxed, and only the whole set in order scores (digit F1 gives partial "
+                f"credit). {d.num_keys} keys, distinct digits; {unseen} The memory is a list of "
+                f"`<key><digit>` notes (or `none`) capped at {a.max_memory_tokens} tokens: room for "
+                f"{a.max_memory_tokens // 2} notes, so keeping every value fits and noting every "
+                f"needle does not. It is rewritten after each {a.chunk_size}-token chunk (overwrite) "
+                "or added to (append); training documents have "
+                f"{d.train_chunks} chunks. {model}")
+    return ("Essay haystack with one target needle `The secret code is <key><digit>.` (e.g. `school7`) and "
+            f"{d.min_distractors}-{d.max_distractors} distractor needles with other keys; question `What is "
+            f"the secret code for <key>?`; {d.num_keys} keys, values 0-9 (chance 10%). Every (key, value) pair "
+            f"occurs in training; {unseen} The memory note is `<key><digit>` or `none`, capped at "
+            f"{a.max_memory_tokens} tokens and overwritten after each {a.chunk_size}-token chunk; training "
+            f"documents have {d.train_chunks} chunks. {model}")
 
 
 def write_report(run: Any) -> dict[str, Any]:
@@ -159,13 +209,16 @@ def write_report(run: Any) -> dict[str, Any]:
     params = count_params(random_model_config(cfg, vocab))
     mults = list(results["chunks"])
     m1, mlast = mults[0], mults[-1]
-    met = targets(results)
+    met = targets(results, d.task)
     rnd = {p: {k: round(v, 4) for k, v in by.items()} for p, by in results["accuracy"].items()}
     summary = {
         "accuracy": rnd,
         "interval_95": {p: {k: [round(x, 4) for x in v] for k, v in by.items()}
                         for p, by in results["interval"].items()},
         "sub_em": {p: {k: round(v, 4) for k, v in by.items()} for p, by in results["sub_em"].items()},
+        "digit_f1": {p: {k: round(v, 4) for k, v in by.items()}
+                     for p, by in results.get("digit_f1", {}).items()},
+        "task": d.task,
         "seconds_per_chunk": {p: {k: round(v, 5) for k, v in by.items()}
                               for p, by in results["seconds_per_chunk"].items()},
         "needle_chance": {k: round(v, 4) for k, v in results["needle_chance"].items()},
@@ -188,16 +241,7 @@ def write_report(run: Any) -> dict[str, Any]:
     lines = [
         "# memagent-jax demo: a tiny memory agent, trained and evaluated on one CPU", "",
         f"{summary['date']} on {summary['machine']}.", "",
-        "## Task", "",
-        "Essay haystack with one target needle `The secret code is <key><digit>.` (e.g. `school7`) and "
-        f"{d.min_distractors}-{d.max_distractors} distractor needles with other keys; question `What is "
-        f"the secret code for <key>?`; {d.num_keys} keys, values 0-9 (chance 10%). Every (key, value) pair "
-        "occurs in training; the evaluation documents are unseen (a separate random stream, and no "
-        "needle layout of a training document). The memory note is `<key><digit>` or `none`, capped at "
-        f"{a.max_memory_tokens} tokens and overwritten after each {a.chunk_size}-token chunk; training "
-        f"documents have {d.train_chunks} chunks. Policy: Qwen2 architecture, {params:,} parameters "
-        f"(hidden {cfg.model.hidden_size}, {cfg.model.num_layers} layers, vocab {vocab}), random init.",
-        "",
+        "## Task", "", _task_text(run, params, vocab), "",
         "## Stages", "",
         f"1. Base model{' (shipped: ' + pre_done['source'] + ', made ' + str(pre.get('date')) + ' in ' + str(pre.get('pretrain_wall_time_s')) + ' s by `' + str(pre.get('command')) + '`)' if 'provenance' in pre_done else ''}: "
         + (f"{copy_steps} steps x {pre.get('pretrain', {}).get('pretrain_batch_size', d.pretrain_batch_size)} "
@@ -209,8 +253,9 @@ def write_report(run: Any) -> dict[str, Any]:
         "asked, the document in the answer prompt as the full-context baseline reads it, and repeated "
         "random spans).",
         f"2. Warm start: {d.sft_steps} SFT steps x {d.sft_batch_size} teacher conversations of the memory "
-        f"workflow from {d.sft_docs} documents; {d.careless:.0%} of them by a careless teacher that notes "
-        "the first needle it sees, whatever its key.",
+        f"workflow from {d.sft_docs} documents; {d.careless:.0%} of them by a careless teacher that "
+        + ("keeps only the latest value it saw (each new one overwrites the note)." if d.task == "multivalue"
+           else "notes the first needle it sees, whatever its key."),
         f"3. RL: {len(curves['rl'])} DAPO steps x {cfg.rl.train_batch_size} groups x "
         f"{cfg.rollout.group_size} samples (dynamic sampling {'on' if cfg.rl.filter_groups else 'off'}, "
         f"overlong shaping {'on' if cfg.rl.overlong.enable else 'off'}, lr {cfg.optim.lr}).",
@@ -223,6 +268,8 @@ def write_report(run: Any) -> dict[str, Any]:
         "## Accuracy (exact boxed answer, 95% Wilson interval) vs document length", "",
         _table(results, "accuracy", POLICIES), "",
         "![accuracy vs length](accuracy_vs_length.png)", "",
+        *(["Digit F1 (the boxed digits against the answer's, as multisets: partial credit):", "",
+           _table(results, "digit_f1", POLICIES), ""] if d.task == "multivalue" else []),
         "Targets:", "",
     ]
     for name, t in met.items():
@@ -241,15 +288,18 @@ def write_report(run: Any) -> dict[str, Any]:
         "## Wall time per stage (seconds)", "",
         "| " + " | ".join(seconds) + " | total |", "|---" * (len(seconds) + 1) + "|",
         "| " + " | ".join(f"{v:.1f}" for v in seconds.values()) + f" | {sum(seconds.values()):.1f} |", "",
-        "## What the RL policy's memory looks like", "",
+        "## What the memory looks like (first document of each length)",
     ]
-    for key, traces in results["traces"].items():
-        for t in traces[:1]:
-            lines.append(f"- {key}: {t['question']} (answer {t['answer']}, needle in chunk "
-                         f"{t['needle_chunk'] + 1}/{t['num_chunks']}, distractors {t['distractor_keys']})")
-            for k, mem in t["memories"].items():
-                lines.append(f"  - after chunk {int(k) + 1}: `{_one_line(mem)}`")
-            lines.append(f"  - final answer: `{_one_line(t['final'])}`")
+    for policy, by_length in results["traces"].items():
+        lines += ["", f"### {POLICY_LABELS[policy]}", ""]
+        for key, traces in by_length.items():
+            for t in traces[:1]:
+                where = ", ".join(str(c + 1) for c in t.get("value_chunks", [t["needle_chunk"]]))
+                lines.append(f"- {key}: {t['question']} (answer {t['answer']}, in chunk(s) {where} of "
+                             f"{t['num_chunks']}, distractors {t['distractor_keys']})")
+                for k, mem in t["memories"].items():
+                    lines.append(f"  - after chunk {int(k) + 1}: `{_one_line(mem)}`")
+                lines.append(f"  - final answer: `{_one_line(t['final'])}`")
     lines += ["", "The exported RL policy (HF safetensors + tokenizer) is in `hf/`; the base model in "
               "`pretrain/hf/`, the warm start in `sft/hf/`."]
     run.path("report.md").write_text("\n".join(lines) + "\n")

@@ -15,6 +15,7 @@ from typing import Any
 from memagent_jax.config import Config, apply_overrides, from_dict, load_yaml
 
 STAGES = ("tokenizer", "data", "pretrain", "sft", "rl", "eval", "report")
+TASKS = ("needle", "multivalue")
 
 
 @dataclasses.dataclass
@@ -22,6 +23,11 @@ class DemoSection:
     """Knobs of the demo that are not part of an RL run's `Config`."""
 
     seed: int = 0
+    # "needle": one key, one value (demo/task.py); "multivalue": one key with min_values to
+    # max_values values in distinct chunks, all asked (demo/multivalue.py)
+    task: str = "needle"
+    min_values: int = 2
+    max_values: int = 3
     vocab_size: int = 1024  # SentencePiece vocabulary
     num_keys: int = 8  # keys the questions ask about (values: the digits 0-9)
     train_chunks: int = 3  # training length, in chunks of agent.chunk_size tokens
@@ -66,6 +72,8 @@ def load_demo_config(config: str | Path | None = "tiny", overrides: list[str] | 
     demo_data = apply_overrides({"demo": demo_data}, demo_over)["demo"]
     cfg = from_dict(Config, apply_overrides(data, rest))
     demo = from_dict(DemoSection, demo_data, prefix="demo.")
+    if demo.task not in TASKS:
+        raise ValueError(f"demo.task={demo.task!r}: known tasks are {', '.join(TASKS)}")
     if demo.eval_multiples != sorted(set(int(m) for m in demo.eval_multiples)) or demo.eval_multiples[0] < 1:
         raise ValueError(f"demo.eval_multiples must be increasing positive integers, got {demo.eval_multiples}")
     return cfg, demo
@@ -95,6 +103,18 @@ class Run:
 
     def stage_seconds(self) -> dict[str, float]:
         return {s: json.loads(self.done_file(s).read_text())["seconds"] for s in STAGES if self.is_done(s)}
+
+
+def task_parts(run: Run) -> tuple[Any, Any]:
+    """(sample builder for `task.generate`, warm-start teacher) of the run's `demo.task`."""
+    d = run.demo
+    if d.task == "multivalue":
+        from memagent_jax.demo import multivalue as M
+
+        return M.build_sample, M.MultiValueTeacher(d.careless)
+    from memagent_jax.demo import task as T
+
+    return T.build_sample, T.NeedleTeacher(d.careless)
 
 
 def agent_parts(run: Run, tokenizer: Any, training_chunks: int | None) -> tuple[Any, Any]:
