@@ -57,9 +57,9 @@ def _readme_policy_block() -> str:
 
 def test_readme_custom_policy_runs_through_rollout_and_training(tmp_path):
     namespace: dict = {}
-    exec(_readme_policy_block(), namespace)  # registers "append"
+    exec(_readme_policy_block(), namespace)  # registers "keep_tail"
     cfg = load_config(None, [
-        "agent.policy=append", "agent.policy_kwargs={keep: 10, chunk_size: 12, max_memory_tokens: 4}",
+        "agent.policy=keep_tail", "agent.policy_kwargs={keep: 10, chunk_size: 12, max_memory_tokens: 4}",
         "agent.memory_template=Q{prompt}M{memory}C{chunk}>", "agent.final_template=Q{prompt}M{memory}>",
         "agent.max_memory_tokens=4", "agent.max_final_new_tokens=4", "rollout.group_size=2",
         "rl.train_batch_size=2", "rl.gen_batch_size=2", "rl.mini_batch_size=2",
@@ -70,7 +70,7 @@ def test_readme_custom_policy_runs_through_rollout_and_training(tmp_path):
             yield docs(2, 36, seed=0)
 
     trainer = Trainer(cfg, tiny_model(), TOK, stream(), reward_fn=lambda t: (float(t.trajectory_id % 2), 0.0))
-    assert type(trainer.policy).__name__ == "AppendPolicy" and trainer.policy.keep == 10
+    assert type(trainer.policy).__name__ == "KeepTailPolicy" and trainer.policy.keep == 10
     collected = trainer.collect()
     convs = collected.batch.conversations
     for t in collected.batch.trajectories:

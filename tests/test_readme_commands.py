@@ -17,7 +17,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 #: Placeholder values for the README's metavariables (longest names first when substituting).
 PLACEHOLDERS = {
     "T1,T2": "niah_single_1,niah_single_2", "L1,L2": "1024,2048", "RUN_DIR": "runs/x",
-    "CONFIG": "memagent", "STAGE": "rl", "NAME": "overwrite", "TEXT": "q", "FILE": "doc.txt",
+    "CONFIG": "memagent", "STAGE": "rl", "TASK": "multivalue", "NAME": "overwrite", "TEXT": "q", "FILE": "doc.txt",
     "DIR": "out", "N": "2", "G": "80", "T": "v5p-8", "key=value ...": "rl.kl_coef=0.001", "key=value": "rl.kl_coef=0.001",
 }
 
