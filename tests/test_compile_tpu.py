@@ -66,6 +66,7 @@ def test_every_program_of_a_tiny_qwen3_compiles_for_v5p() -> None:
         assert abs(total / compiled - 1) <= WITHIN, (phase, total, compiled)
 
 
+@pytest.mark.slow  # ~45 s on 2 cores (the tiny Qwen3 compile test covers the compiler in the default run)
 def test_plan_with_a_topology_uses_the_compiler_for_a_tiny_qwen2() -> None:
     out = subprocess.run([sys.executable, "-m", "memagent_jax", "plan", "memagent", "--topology",
                           "v5p:2x2x1", *TINY, "model.architecture=qwen2"],

@@ -90,6 +90,7 @@ def _assert_same_params(path_a, path_b) -> None:
         np.testing.assert_allclose(a[k], b[k], atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow  # ~60 s on 2 cores: two more 2-process runs (the static-path test stays in the default run)
 def test_two_processes_on_the_continuous_engine_equal_one_process_sampled(runs):
     """rollout.engine=continuous across 2 processes (2 slots each, 2 decode steps per call, so
     slots refill) at temperature 1: both processes join every engine call, and the step samples
