@@ -52,7 +52,7 @@ def rl_config(run: Run) -> Config:
     cfg.tokenizer = str(run.path("tokenizer"))
     cfg.data = dataclasses.replace(cfg.data, source="jsonl", path=str(run.path("data", "rl.jsonl")),
                                    num_docs=run.demo.rl_docs)
-    cfg.agent = dataclasses.replace(cfg.agent, max_chunks=run.demo.train_chunks)
+    cfg.agent = dataclasses.replace(cfg.agent, max_chunks=max(run.demo.train_chunks, run.demo.rl_max_chunks))
     cfg.trainer = dataclasses.replace(cfg.trainer, out_dir=str(run.path("rl")),
                                       progress=run.demo.progress)
     return cfg
@@ -105,7 +105,13 @@ def stage_data(run: Run) -> dict[str, Any]:
     rng = np.random.default_rng([d.seed, 11])
     sft_lengths = rng.integers(d.train_chunks, d.sft_max_chunks + 1, size=d.sft_docs)
     train_jobs = [("sft", n, int((sft_lengths == n).sum()), d.seed) for n in range(d.train_chunks, d.sft_max_chunks + 1)]
-    train_jobs.append(("rl", d.train_chunks, d.rl_docs, d.seed + 1))
+    if d.rl_max_chunks > d.train_chunks:  # RL documents of several lengths (their own stream)
+        rl_lengths = np.random.default_rng([d.seed, 12]).integers(d.train_chunks, d.rl_max_chunks + 1,
+                                                                  size=d.rl_docs)
+        train_jobs += [("rl", n, int((rl_lengths == n).sum()), d.seed + 1)
+                       for n in range(d.train_chunks, d.rl_max_chunks + 1)]
+    else:
+        train_jobs.append(("rl", d.train_chunks, d.rl_docs, d.seed + 1))
     eval_jobs = [(f"eval_{m}x", m) for m in d.eval_multiples]
     bar = _bar(run, d.sft_docs + d.rl_docs + d.eval_docs * len(eval_jobs), "data: documents", "doc")
     counts: dict[str, Any] = {}

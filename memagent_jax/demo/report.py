@@ -184,8 +184,9 @@ def _task_text(run: Any, params: int, vocab: int) -> str:
                 f"`<key><digit>` notes (or `none`) capped at {a.max_memory_tokens} tokens: room for "
                 f"{a.max_memory_tokens // 2} notes, so keeping every value fits and noting every "
                 f"needle does not. It is rewritten after each {a.chunk_size}-token chunk (overwrite) "
-                "or added to (append); training documents have "
-                f"{d.train_chunks} chunks. {model}")
+                "or added to (append); warm-start documents have "
+                f"{d.train_chunks}-{d.sft_max_chunks} chunks, RL documents "
+                f"{d.train_chunks}-{max(d.train_chunks, d.rl_max_chunks)} (1x = {d.train_chunks}). {model}")
     return ("Essay haystack with one target needle `The secret code is <key><digit>.` (e.g. `school7`) and "
             f"{d.min_distractors}-{d.max_distractors} distractor needles with other keys; question `What is "
             f"the secret code for <key>?`; {d.num_keys} keys, values 0-9 (chance 10%). Every (key, value) pair "

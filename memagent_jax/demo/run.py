@@ -50,6 +50,9 @@ class DemoSection:
     sft_lr: float = 1e-3
     sft_warmup_steps: int = 20
     rl_docs: int = 800
+    # RL documents have train_chunks..rl_max_chunks chunks (0: train_chunks only); the RL stage's
+    # agent.max_chunks is the larger of the two
+    rl_max_chunks: int = 0
     rl_min_distractors: int = 0  # RL documents: some with the target alone, so some chunks hold no needle
     eval_docs: int = 200  # unseen documents per length
     eval_multiples: list = dataclasses.field(default_factory=lambda: [1, 4, 16, 32, 64])
