@@ -39,6 +39,12 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     return (min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)))
 
 
+def compared_name(policy: str) -> str:
+    """The row suffix of a compared memory policy: its registered name, or the class name of a
+    "module.path:ClassName" (e.g. "append", "MyPolicy")."""
+    return policy.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
+
+
 def _score(result: Any) -> dict[str, Any]:
     """accuracy, its 95% interval, sub_em, digit F1 (the multi-value task's partial credit) and
     the count of right answers of a rollout."""
@@ -118,11 +124,12 @@ def evaluate_policies(run: Any) -> dict[str, Any]:
     first = next(iter(sets))
     evaluated = [("rl", run.path("hf"), overwrite), ("warm_start", run.path("sft", "hf"), overwrite),
                  ("full_context", run.path("pretrain", "hf"), full)]
-    if d.task == "multivalue":  # memory policies compared: the same models with the append policy
-        append = make_policy("append", chunk_size=a.chunk_size, max_chunks=None,
-                             max_memory_tokens=a.max_memory_tokens)
-        evaluated[2:2] = [("rl_append", run.path("hf"), append),
-                          ("warm_start_append", run.path("sft", "hf"), append)]
+    for name in d.compare_policies:  # memory policies compared: the same models, another policy
+        other = make_policy(name, chunk_size=a.chunk_size, max_chunks=None,
+                            max_memory_tokens=a.max_memory_tokens)
+        short = compared_name(name)
+        evaluated[-1:-1] = [(f"rl_{short}", run.path("hf"), other),
+                            (f"warm_start_{short}", run.path("sft", "hf"), other)]
     total = sum(len(v) * v[0]["num_chunks"] for v in sets.values()) * sum(
         p is not full for _, _, p in evaluated)
     bar = tqdm(total=total, desc="eval: document-chunks", unit="chunk", disable=not d.progress)
@@ -139,7 +146,7 @@ def evaluate_policies(run: Any) -> dict[str, Any]:
         for key, samples in sets.items():
             res, seconds = run_set(gen, policy, samples, progress=policy is not full)
             record(name, key, res, seconds)
-            if name in ("rl", "rl_append", "warm_start"):
+            if name == "rl" or name == "warm_start" or name.startswith("rl_"):
                 out["traces"].setdefault(name, {})[key] = _trace(res, samples)
         if name == "rl":  # the same policy without the document
             for key, samples in sets.items():

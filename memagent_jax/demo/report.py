@@ -11,9 +11,24 @@ from typing import Any
 import numpy as np
 
 POLICY_LABELS = {"rl": "RL (DAPO)", "warm_start": "warm start (SFT)",
-                 "rl_append": "RL model, append memory", "warm_start_append": "warm-start model, append memory",
                  "full_context": "full context (base, window)", "no_document": "no document"}
-POLICIES = ("rl", "warm_start", "rl_append", "warm_start_append", "full_context", "no_document")
+
+
+def label(policy: str) -> str:
+    """A row's label: the fixed ones, or "RL model, <name> memory" for compared memory policies."""
+    if policy in POLICY_LABELS:
+        return POLICY_LABELS[policy]
+    for prefix, model in (("warm_start_", "warm-start"), ("rl_", "RL")):
+        if policy.startswith(prefix):
+            return f"{model} model, {policy[len(prefix):]} memory"
+    return policy
+
+
+def policies(results: dict[str, Any]) -> tuple[str, ...]:
+    """The evaluated rows in report order: RL, warm start, compared memory policies, baselines."""
+    names = list(results["accuracy"])
+    compared = [p for p in names if p not in POLICY_LABELS]
+    return tuple(p for p in ("rl", "warm_start", *compared, "full_context", "no_document") if p in names)
 
 
 def machine() -> str:
@@ -66,27 +81,27 @@ def _plots(run: Any, results: dict[str, Any], curves: dict[str, list[dict]]) -> 
 
     mults = list(results["chunks"])
     xs = [int(k[:-1]) for k in mults]
-    for metric, fname, ylabel, policies in (
-            ("accuracy", "accuracy_vs_length.png", "accuracy (exact boxed answer)", POLICIES),
+    for metric, fname, ylabel, rows in (
+            ("accuracy", "accuracy_vs_length.png", "accuracy (exact boxed answer)", policies(results)),
             ("seconds_per_chunk", "seconds_per_chunk.png", "seconds per document-chunk", ("rl", "warm_start"))):
         fig, ax = plt.subplots(figsize=(6.5, 4))
-        for p in policies:
+        for p in rows:
             if p not in results[metric]:
                 continue
             ys = [results[metric][p][k] for k in mults]
             if metric == "accuracy":
                 lo = [max(0.0, y - results["interval"][p][k][0]) for y, k in zip(ys, mults)]
                 hi = [max(0.0, results["interval"][p][k][1] - y) for y, k in zip(ys, mults)]
-                ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o-", capsize=3, label=POLICY_LABELS[p])
+                ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o-", capsize=3, label=label(p))
             else:
-                ax.plot(xs, ys, "o-", label=POLICY_LABELS[p])
+                ax.plot(xs, ys, "o-", label=label(p))
         if metric == "accuracy" and run.demo.task == "needle":
             ax.plot(xs, [1 / 10] * len(xs), ":", color="grey", label="chance (1 of 10 digits)")
         if metric == "accuracy":
             ax.set_ylim(-0.05, 1.05)
             ax.set_title(f"{results['docs']} unseen documents per length, 95% intervals", fontsize=9)
         else:
-            ax.set_ylim(0, max(v for p in policies if p in results[metric]
+            ax.set_ylim(0, max(v for p in rows if p in results[metric]
                                for v in results[metric][p].values()) * 1.3)
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [f"{m}x\n({results['chunks'][k]} ch)" for m, k in zip(xs, mults)])
@@ -114,7 +129,7 @@ def _table(results: dict[str, Any], metric: str, policies: tuple[str, ...]) -> s
             cells = [f"{results[metric][p][k]:.3f}" for k in mults]
         else:
             cells = [f"{results[metric][p][k]:.4f}" for k in mults]
-        rows.append(f"| {POLICY_LABELS[p]} | " + " | ".join(cells) + " |")
+        rows.append(f"| {label(p)} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -143,7 +158,7 @@ def targets(results: dict[str, Any], task: str = "needle") -> dict[str, Any]:
                 drop = acc["rl"][m1] - acc["rl"][k]
                 out[f"rl_{k}_vs_1x"] = {"drop": round(drop, 4), "met": drop <= (0.10 if multi else 0.05)}
     if multi:
-        memory = [p for p in ("rl", "warm_start", "rl_append", "warm_start_append") if p in acc]
+        memory = [p for p in acc if p not in ("full_context", "no_document")]
         best = {"gap": 0.0, "met": False}
         for i, p in enumerate(memory):
             for q in memory[i + 1:]:
@@ -267,10 +282,10 @@ def write_report(run: Any) -> dict[str, Any]:
         lines += [f"RL stopped early: {stopped}", ""]
     lines += [
         "## Accuracy (exact boxed answer, 95% Wilson interval) vs document length", "",
-        _table(results, "accuracy", POLICIES), "",
+        _table(results, "accuracy", policies(results)), "",
         "![accuracy vs length](accuracy_vs_length.png)", "",
         *(["Digit F1 (the boxed digits against the answer's, as multisets: partial credit):", "",
-           _table(results, "digit_f1", POLICIES), ""] if d.task == "multivalue" else []),
+           _table(results, "digit_f1", policies(results)), ""] if d.task == "multivalue" else []),
         "Targets:", "",
     ]
     for name, t in met.items():
@@ -292,7 +307,7 @@ def write_report(run: Any) -> dict[str, Any]:
         "## What the memory looks like (first document of each length)",
     ]
     for policy, by_length in results["traces"].items():
-        lines += ["", f"### {POLICY_LABELS[policy]}", ""]
+        lines += ["", f"### {label(policy)}", ""]
         for key, traces in by_length.items():
             for t in traces[:1]:
                 where = ", ".join(str(c + 1) for c in t.get("value_chunks", [t["needle_chunk"]]))

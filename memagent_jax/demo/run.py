@@ -28,6 +28,9 @@ class DemoSection:
     task: str = "needle"
     min_values: int = 2
     max_values: int = 3
+    # memory policies evaluated beside overwrite with the RL and warm-start models (registered
+    # names or "module.path:ClassName"); each adds the rows "rl_<name>" and "warm_start_<name>"
+    compare_policies: list = dataclasses.field(default_factory=list)
     vocab_size: int = 1024  # SentencePiece vocabulary
     num_keys: int = 8  # keys the questions ask about (values: the digits 0-9)
     train_chunks: int = 3  # training length, in chunks of agent.chunk_size tokens
