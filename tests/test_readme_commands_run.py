@@ -128,7 +128,7 @@ def test_every_readme_command_runs(tmp_path, capsys, base_dir):
     doc.write_text("The secret code is school7. " * 20)
 
     # demo: every stage of the micro config from scratch, shipping its base (to the test's copy)
-    run(fill(readme_line("demo"), {"DIR": [str(demo)], "NAME": ["micro"], "STAGE": ["report"],
+    run(fill(readme_line("demo"), {"DIR": [str(demo)], "NAME": ["micro"], "TASK": ["needle"], "STAGE": ["report"],
                                    "key=value ...": ["demo.progress=false"]}), capsys)
     assert (demo / "summary.json").is_file() and (demo / "hf" / "model.safetensors").is_file()
     shipped = json.loads((base_dir / "provenance.json").read_text())
