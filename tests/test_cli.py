@@ -51,6 +51,7 @@ def _document(tokenizer, num_chunks: int, chunk: int) -> str:
     return tokenizer.decode(ids[: num_chunks * chunk])
 
 
+@pytest.mark.slow  # ~18 s; bench/rollout_scaling.py measures flat memory
 def test_answer_reads_100_chunks_with_flat_memory(tiny_model_dir, tmp_path):
     tok = load_tokenizer(tiny_model_dir)
     rss = {}

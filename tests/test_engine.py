@@ -167,6 +167,7 @@ def test_bad_request_is_a_clear_error(model, bad, match):
         engine.submit(eng.Request(**kwargs))
 
 
+@pytest.mark.slow  # ~25 s; test_trainer_collect_on_engine_equals_static covers engine == static in the default run
 def test_rollout_on_engine_equals_static_rollout():
     """Same trajectories, memories, answers and conversations (tokens, log-probs) with no barrier
     between turns, ragged chunk counts and more trajectories than slots."""
@@ -257,6 +258,7 @@ def test_engine_on_8_simulated_devices_equals_one_device():
         assert r["ok"], f"{name}:\n{r['error']}"
 
 
+@pytest.mark.slow  # ~30 s: eval + train through the CLI on both engines
 def test_eval_and_training_default_to_the_engine_with_the_static_results(tmp_path):
     """`evaluate` (and so `memagent-jax eval`) and the trainer's config use the engine unless told
     otherwise; the engine's cells equal the static sampler's (greedy, same seeds)."""

@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parent / "multidevice" / "train_step_checks.py"
 
 
+@pytest.mark.slow  # ~35 s; tests/test_sharding.py runs the sharded checks on 8 devices in the default run
 def test_sharded_train_step_equals_single_device(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") +
