@@ -122,6 +122,7 @@ def base_dir(tmp_path_factory):
     base.BASE_DIR = saved
 
 
+@pytest.mark.slow  # ~100 s on 2 cores; tests/test_readme_commands.py parses every line in the default run
 def test_every_readme_command_runs(tmp_path, capsys, base_dir):
     demo, train, ev, ans, exported = (tmp_path / n for n in ("demo", "train", "eval", "answer", "exported"))
     doc = tmp_path / "doc.txt"
