@@ -243,7 +243,9 @@ def compile_rl_step(cfg: Config, topology: str, *, config_name: str = "",
     settings = LossSettings(eps_low=cfg.rl.eps_low, eps_high=cfg.rl.eps_high,
                             clip_c=cfg.rl.clip_c if cfg.rl.clip_c > 0 else None, agg=cfg.rl.agg,
                             kl_coef=cfg.rl.kl_coef, entropy_coef=cfg.rl.entropy_coef,
-                            tis_cap=cfg.rl.tis_cap, logprob_chunk=cfg.rl.logprob_chunk)
+                            tis_cap=cfg.rl.tis_cap, tis_level=cfg.rl.tis_level,
+                            mis_cap=cfg.rl.mis_cap, mis_level=cfg.rl.mis_level,
+                            logprob_chunk=cfg.rl.logprob_chunk)
     mb = f"{B} rows x {width} ({rows_dev} per device)"
     attempt("log-prob pass", mb,
             lambda: sequence_logprobs.lower(graphdef, params, tokens, temperature=1.0,

@@ -63,6 +63,13 @@ class MeshSection:
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    # rollout.mode: async only. Devices given to the rollout mesh: N >= 1 devices, a fraction in
+    # (0, 1) of them, or 0 = rollout and training share the one mesh (their host work overlaps).
+    # The train mesh (data, fsdp, tensor above) takes the rest; the rollout mesh has its own shape.
+    rollout_devices: float = 0
+    rollout_data: int = -1
+    rollout_fsdp: int = 1
+    rollout_tensor: int = 1
 
 
 @dataclasses.dataclass
@@ -98,6 +105,10 @@ class RolloutSection:
     # `compile` size the rollout by this same key (plan.rollout_rows).
     max_rows_per_call: int = 64
     engine: str = "continuous"  # continuous (memagent_jax.engine) | static (one batched call per turn)
+    # sync: all of a step's rollout, then its update, on one mesh. async: a rollout thread on its
+    # own mesh (mesh.rollout_devices) streams scored generation batches to the trainer while it
+    # updates (rl/async_trainer.py; rl.max_staleness bounds how old a kept sample may be)
+    mode: str = "sync"
     engine_prefill_rows: int = 0  # continuous: requests prefilled per engine call (0 = all free slots)
     engine_max_len: int = 0  # continuous: cache positions per slot (0 = bound from agent budgets)
     engine_decode_steps: int = 32  # continuous: decode steps per engine call
@@ -149,8 +160,18 @@ class RLSection:
     overlong: OverlongSection = dataclasses.field(default_factory=OverlongSection)
     overlong_filter: bool = False
     tis_cap: float = 0.0  # truncated importance sampling cap vs sampler log-probs; 0 = off
+    tis_level: str = "token"  # token | sequence: TIS weight per token, or one per conversation row
+    # masked importance sampling bound c > 1: tokens (or whole rows) whose trainer/sampler ratio
+    # is outside [1/c, c] are masked out of the loss (kept in its denominator); 0 = off
+    mis_cap: float = 0.0
+    mis_level: str = "token"  # token | sequence: mask single tokens, or whole conversation rows
     logprob_chunk: int = 2048  # tokens per device per LM-head slice (rows x positions)
     reward: str = "boxed"  # boxed | sub_em
+    # rollout.mode: async: a kept group's oldest token may come from weights at most this many
+    # updates old (older groups are dropped and counted); 0 = strictly on-policy (the rollout
+    # waits for each update: the same samples and update as sync)
+    max_staleness: int = 1
+    async_queue: int = 2  # rollout.mode: async: scored generation batches waiting for the trainer
 
 
 @dataclasses.dataclass
@@ -373,6 +394,7 @@ POSITIVE_SETTINGS: dict[str, str] = {
     "rl.micro_batch_tokens": "tokens per micro-batch",
     "rl.ppo_epochs": "epochs per RL step",
     "rl.logprob_chunk": "tokens per device per log-prob chunk (rows x positions)",
+    "rl.async_queue": "generation batches queued for the trainer",
 }
 
 
@@ -403,7 +425,49 @@ def validate_config(cfg: Config, source: str | Path | None = None,
         raise InputError(f"model.lora.rollout={cfg.model.lora.rollout!r}", lora_where,
                          "set model.lora.rollout to merged (faster decode) or applied (no copy "
                          "of the adapted weights)")
+    _validate_async(cfg, given, source)
+    _validate_off_policy(cfg, given, source)
     return cfg
+
+
+def _validate_off_policy(cfg: Config, given: set[str], source: str | Path | None) -> None:
+    """The off-policy correction keys (rl/off_policy.py): rl.tis_cap, rl.tis_level, rl.mis_cap,
+    rl.mis_level."""
+    def where(key: str) -> str | None:
+        return "command line" if key in given else (os.fspath(source) if source else None)
+
+    rl = cfg.rl
+    for key in ("tis_level", "mis_level"):
+        if getattr(rl, key) not in ("token", "sequence"):
+            raise InputError(f"rl.{key}={getattr(rl, key)!r}", where(f"rl.{key}"),
+                             f"set rl.{key} to token (one ratio per token) or sequence (one ratio "
+                             "per conversation row)")
+    if rl.tis_cap < 0:
+        raise InputError(f"rl.tis_cap={rl.tis_cap} is negative", where("rl.tis_cap"),
+                         "set rl.tis_cap to the truncation cap (> 0, e.g. 2.0) or 0 (off)")
+    if rl.mis_cap != 0 and rl.mis_cap <= 1:
+        raise InputError(f"rl.mis_cap={rl.mis_cap} is not a bound above 1", where("rl.mis_cap"),
+                         "set rl.mis_cap to a bound c > 1 (tokens whose ratio is outside [1/c, c] "
+                         "are masked, e.g. 2.0) or 0 (off)")
+
+
+def _validate_async(cfg: Config, given: set[str], source: str | Path | None) -> None:
+    """rollout.mode and the async keys (rl.max_staleness, mesh.rollout_devices)."""
+    def where(key: str) -> str | None:
+        return "command line" if key in given else (os.fspath(source) if source else None)
+
+    if cfg.rollout.mode not in ("sync", "async"):
+        raise InputError(f"rollout.mode={cfg.rollout.mode!r}", where("rollout.mode"),
+                         "set rollout.mode to sync (rollout, then update) or async (rollout and "
+                         "update at the same time on their own meshes)")
+    if cfg.rl.max_staleness < 0:
+        raise InputError(f"rl.max_staleness={cfg.rl.max_staleness} is negative", where("rl.max_staleness"),
+                         "set rl.max_staleness >= 0 (0 = strictly on-policy)")
+    n = cfg.mesh.rollout_devices
+    if n < 0 or (n >= 1 and n != int(n)):
+        raise InputError(f"mesh.rollout_devices={n}", where("mesh.rollout_devices"),
+                         "set mesh.rollout_devices to a device count >= 1, a fraction in (0, 1), or "
+                         "0 (rollout and training share one mesh)")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -37,8 +37,9 @@ def init_distributed(cfg: Config) -> None:
                                    num_processes=d.num_processes, process_id=d.process_id)
 
 
-def build_mesh(cfg: Config) -> jax.sharding.Mesh:
-    return make_mesh(MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+def build_mesh(cfg: Config, devices: list | None = None) -> jax.sharding.Mesh:
+    """The config's (data, fsdp, tensor) mesh over `devices` (default: all of them)."""
+    return make_mesh(MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), devices)
 
 
 def random_model_config(cfg: Config, vocab_size: int) -> ModelConfig:

@@ -18,11 +18,18 @@ from memagent_jax.rl.trainer import RewardFn, Trainer
 
 
 def make_trainer(cfg: Config, *, reward_fn: RewardFn | None = None, model: Any = None,
-                 tokenizer: Any = None) -> Trainer:
-    """A Trainer for `cfg` with the configured data source and a grain loader (exact resume)."""
+                 tokenizer: Any = None, devices: list | None = None) -> Trainer:
+    """A Trainer for `cfg` with the configured data source and a grain loader (exact resume);
+    rollout.mode: async gives an AsyncTrainer. `devices`: the devices to use (default: all)."""
     validate_config(cfg)  # numeric knobs, before anything is loaded or written
     init_distributed(cfg)
-    mesh = build_mesh(cfg)
+    rollout_mesh = None
+    if cfg.rollout.mode == "async":
+        from memagent_jax.rl.async_trainer import build_async_meshes
+
+        mesh, rollout_mesh = build_async_meshes(cfg, devices)
+    else:
+        mesh = build_mesh(cfg, devices)
     model, tokenizer = load_train_policy(cfg, mesh, seed=cfg.trainer.seed, model=model,
                                          tokenizer=tokenizer)
     source = training_source(cfg.data)
@@ -31,8 +38,13 @@ def make_trainer(cfg: Config, *, reward_fn: RewardFn | None = None, model: Any =
                          f"{jax.process_count()} processes (each loads its share of documents)")
     it = make_loader(source, batch_size=cfg.rl.gen_batch_size // jax.process_count(),
                      seed=cfg.data.seed, shuffle=cfg.data.shuffle)
-    return Trainer(cfg, model, tokenizer, it, mesh=mesh, reward_fn=reward_fn,
-                   data_state=(lambda: loader_state(it), lambda s: restore_loader(it, s)))
+    data_state = (lambda: loader_state(it), lambda s: restore_loader(it, s))
+    if cfg.rollout.mode == "async":
+        from memagent_jax.rl.async_trainer import AsyncTrainer
+
+        return AsyncTrainer(cfg, model, tokenizer, it, mesh=mesh, rollout_mesh=rollout_mesh,
+                            reward_fn=reward_fn, data_state=data_state)
+    return Trainer(cfg, model, tokenizer, it, mesh=mesh, reward_fn=reward_fn, data_state=data_state)
 
 
 def load_train_policy(cfg: Config, mesh: jax.sharding.Mesh | None = None, seed: int = 0, *,

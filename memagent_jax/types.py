@@ -23,6 +23,9 @@ class SampleOutput:
     tokens: list[list[int]]  # generated ids per row, the EOS included when emitted
     logps: list[list[float]]  # fp32 log-softmax(logits / T) of each generated id
     finish_reasons: list[str]  # "eos" | "length"
+    # The policy version (number of updates) of the weights that sampled these rows; None when the
+    # caller does not track versions (read as 0). Async RL (rl/async_trainer.py) sets it.
+    version: int | None = None
 
     @property
     def lengths(self) -> list[int]:
@@ -41,6 +44,7 @@ class Conversation:
     turn: int  # 0..K-1 memory turns, K = final turn
     is_final: bool
     finish_reason: str
+    policy_version: int = 0  # version of the weights that sampled the response (async RL)
 
 
 @dataclasses.dataclass

@@ -125,6 +125,9 @@ def test_dynamic_sampling_refills_to_exact_train_batch(tmp_path):
     assert len(collected.batch.conversations) == 12 * 4
     metrics = trainer.update(collected)
     assert metrics["batch/trajectories"] == 12
+    # the off-policy correction's metrics (rl/off_policy.py), token fractions; both corrections off
+    assert metrics["actor/mis_masked"] == 0 and metrics["actor/tis_clipped"] == 0
+    assert metrics["actor/logp_gap"] > 0
     trainer.close()
 
 

@@ -128,6 +128,7 @@ class _Caller:
         if not (len(out.tokens) == len(out.logps) == len(out.finish_reasons) == len(prompts)):
             raise ValueError(f"generate_fn returned {len(out.tokens)} rows for {len(prompts)} prompts")
         self.rows_per_call.append(len(prompts))
+        version = int(out.version or 0)
         for t, prompt, toks, lps, fin in zip(trajs, prompts, out.tokens, out.logps, out.finish_reasons):
             if len(lps) != len(toks):
                 raise ValueError(f"generate_fn returned {len(lps)} logps for {len(toks)} tokens")
@@ -135,7 +136,8 @@ class _Caller:
             self.conversations.append(Conversation(
                 prompt=list(prompt), response=[int(x) for x in toks], sampler_logps=[float(x) for x in lps],
                 trajectory_id=t.trajectory_id, group_id=t.group_id,
-                turn=t.num_chunks if is_final else turn, is_final=is_final, finish_reason=str(fin)))
+                turn=t.num_chunks if is_final else turn, is_final=is_final, finish_reason=str(fin),
+                policy_version=version))
         return [list(x) for x in out.tokens]
 
 
@@ -312,7 +314,10 @@ def _rollout_continuous(docs: list[_Doc], trajs: list[Trajectory], memory: list[
             on_step(next_step, num_steps, trajs)
             next_step += 1
 
-    # Record conversations in the static path's order (turn by turn, then the finals).
+    # Record conversations in the static path's order (turn by turn, then the finals). The
+    # engine keeps one set of weights for the whole rollout: one version (async RL swaps weights
+    # between generation batches on this path, at turn boundaries on the static one).
+    version = int(getattr(generate_fn, "version", 0) or 0)
     call = _Caller(generate_fn, sampling)
     for k in range(num_steps + 1):
         group = [t for t in trajs if k < t.num_chunks] if k < num_steps else trajs
@@ -324,7 +329,7 @@ def _rollout_continuous(docs: list[_Doc], trajs: list[Trajectory], memory: list[
                 prompt=list(prompts[(k, t.trajectory_id)]), response=list(res.tokens),
                 sampler_logps=list(res.logps), trajectory_id=t.trajectory_id, group_id=t.group_id,
                 turn=t.num_chunks if k == num_steps else k, is_final=k == num_steps,
-                finish_reason=res.finish_reason))
+                finish_reason=res.finish_reason, policy_version=version))
             if k == num_steps:
                 t.answer_text = tokenizer.decode(res.tokens)
     stats = _stats(call, trajs, docs)

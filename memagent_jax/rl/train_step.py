@@ -25,6 +25,7 @@ from flax import nnx
 from memagent_jax.models.sharding import constrain_params
 from memagent_jax.rl.logprobs import token_logprobs
 from memagent_jax.rl.loss import policy_loss_sum
+from memagent_jax.rl.off_policy import correction
 
 
 @flax.struct.dataclass
@@ -38,7 +39,10 @@ class TrainState:
 
 @flax.struct.dataclass
 class LossSettings:
-    """Static loss hyperparameters (hashable: part of the compiled program's identity)."""
+    """Static loss hyperparameters (hashable: part of the compiled program's identity).
+
+    tis_cap / tis_level, mis_cap / mis_level: the off-policy correction (rl/off_policy.py);
+    0 turns each off."""
 
     eps_low: float = flax.struct.field(pytree_node=False, default=0.2)
     eps_high: float = flax.struct.field(pytree_node=False, default=0.28)
@@ -48,6 +52,9 @@ class LossSettings:
     entropy_coef: float = flax.struct.field(pytree_node=False, default=0.0)
     temperature: float = flax.struct.field(pytree_node=False, default=1.0)
     tis_cap: float = flax.struct.field(pytree_node=False, default=0.0)
+    tis_level: str = flax.struct.field(pytree_node=False, default="token")
+    mis_cap: float = flax.struct.field(pytree_node=False, default=0.0)
+    mis_level: str = flax.struct.field(pytree_node=False, default="token")
     logprob_chunk: int = flax.struct.field(pytree_node=False, default=2048)
 
 
@@ -115,6 +122,10 @@ def sequence_logprobs(graphdef: Any, params: Any, tokens: jax.Array, *, temperat
     return logp
 
 
+#: async RL's version-lag buckets of rollout_logprob_abs_diff: 0, 1, 2, >= 3 updates old
+LAG_BUCKETS = 4
+
+
 def _loss(params: Any, graphdef: Any, batch: dict[str, jax.Array], denominator: jax.Array,
           s: LossSettings, frozen: Any = None, dropout_rng: jax.Array | None = None
           ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -125,17 +136,35 @@ def _loss(params: Any, graphdef: Any, batch: dict[str, jax.Array], denominator: 
     # On-policy shortcut: without recomputed old log-probs the ratio is exactly 1.
     old = batch["old_logp"] if "old_logp" in batch else jax.lax.stop_gradient(logp)
     adv = batch["advantages"]
-    if s.tis_cap > 0:  # truncated importance sampling vs the sampler's log-probs
-        adv = adv * jnp.minimum(jnp.exp(old - batch["sampler_logp"]), s.tis_cap)
+    ref_logp, entropy_mask = batch.get("ref_logp"), mask
+    # Sampler-vs-trainer mismatch (rl/off_policy.py): TIS weights the advantages; MIS-masked
+    # tokens lose their policy, KL and entropy terms but stay in the (host-side) denominator.
+    weight, keep, corr = correction(old, batch["sampler_logp"], mask, tis_cap=s.tis_cap,
+                                    tis_level=s.tis_level, mis_cap=s.mis_cap,
+                                    mis_level=s.mis_level)
+    if s.tis_cap > 0:
+        adv = adv * weight
+    if s.mis_cap > 0:
+        adv = adv * keep
+        if ref_logp is not None:  # a masked token's KL is exactly 0 (k = 0) with no gradient
+            ref_logp = jnp.where(keep > 0, ref_logp, jax.lax.stop_gradient(logp))
+        entropy_mask = mask * keep
     num, _, aux = policy_loss_sum(
         logp, old, adv, mask, eps_low=s.eps_low, eps_high=s.eps_high, clip_c=s.clip_c,
-        agg=s.agg, ref_logp=batch.get("ref_logp"), kl_coef=s.kl_coef, entropy=entropy,
+        agg=s.agg, ref_logp=ref_logp, kl_coef=s.kl_coef, entropy=entropy,
         denominator=denominator,
     )
     loss = num / denominator
     if s.entropy_coef:
-        loss = loss - s.entropy_coef * (mask * entropy).sum() / denominator
-    aux["logp_gap"] = (mask * jnp.abs(jax.lax.stop_gradient(old) - batch["sampler_logp"])).sum()
+        loss = loss - s.entropy_coef * (entropy_mask * entropy).sum() / denominator
+    # "logp_gap": sum of mask |old - sampler| (the trainer's actor/logp_gap, a token mean)
+    aux["logp_gap"] = corr["logprob_abs_diff"]
+    aux["mis_masked"], aux["tis_clipped"] = corr["mis_masked"], corr["tis_clipped"]
+    if "lag" in batch:  # async RL: |old - sampler| per version lag of the sampled token
+        gap = mask * jnp.abs(jax.lax.stop_gradient(old) - batch["sampler_logp"])
+        for j in range(LAG_BUCKETS):
+            at = (batch["lag"] == j) if j < LAG_BUCKETS - 1 else (batch["lag"] >= j)
+            aux[f"lag_gap_{j}"], aux[f"lag_tokens_{j}"] = (gap * at).sum(), (mask * at).sum()
     return loss, aux
 
 

@@ -52,6 +52,7 @@ from memagent_jax.rl.batching import (
 )
 from memagent_jax.rl.loss import reduce_aux_sums
 from memagent_jax.rl.train_step import (
+    LAG_BUCKETS,
     LossSettings,
     accumulate,
     init_policy_state,
@@ -102,6 +103,37 @@ class Collected:
     rollout_stats: dict[str, Any]
 
 
+@dataclasses.dataclass
+class ScoredBatch:
+    """One generation batch, scored: rewards, accuracies and dynamic sampling's keep mask."""
+
+    result: RolloutResult
+    rewards: np.ndarray
+    accuracy: np.ndarray
+    keep: np.ndarray
+
+    @property
+    def kept_groups(self) -> int:
+        groups = np.array([t.group_id for t in self.result.trajectories])
+        return len(set(groups[self.keep].tolist()))
+
+
+def assemble(batches: list[ScoredBatch], train_batch_size: int) -> Collected:
+    """The first `train_batch_size` kept groups of the generation batches, as one Collected."""
+    keeps = [b.keep for b in batches]
+    keep_all = np.concatenate(keeps)
+    offsets = np.cumsum([0] + [len(b.result.trajectories) for b in batches])
+    gids = np.concatenate([np.array([t.group_id for t in b.result.trajectories]) + 10**7 * i
+                           for i, b in enumerate(batches)])
+    keep_all = select_groups(keep_all, gids, train_batch_size)
+    keeps = [keep_all[offsets[i]:offsets[i + 1]] for i in range(len(batches))]
+    merged = merge_kept([b.result for b in batches], keeps)
+    reward = np.concatenate([b.rewards for b in batches])[keep_all]
+    acc = np.concatenate([b.accuracy for b in batches])
+    return Collected(merged, reward, acc, len(batches), len(set(gids.tolist())),
+                     _merge_stats([b.result.stats for b in batches]))
+
+
 class Trainer:
     """Runs `cfg.trainer.total_steps` DAPO steps of the memory agent (see module docstring)."""
 
@@ -142,6 +174,7 @@ class Trainer:
             eps_low=rl.eps_low, eps_high=rl.eps_high, clip_c=rl.clip_c if rl.clip_c > 0 else None,
             agg=rl.agg, kl_coef=rl.kl_coef, entropy_coef=rl.entropy_coef,
             temperature=cfg.rollout.temperature or 1.0, tis_cap=rl.tis_cap,
+            tis_level=rl.tis_level, mis_cap=rl.mis_cap, mis_level=rl.mis_level,
             logprob_chunk=rl.logprob_chunk)
         self.rl_step = 0
         self.checkpointer = RunCheckpointer(self.out_dir / "checkpoints", keep=cfg.trainer.keep,
@@ -172,9 +205,15 @@ class Trainer:
         return merged(model) if self.cfg.model.lora.rollout == "merged" else model
 
     def generate_fn(self) -> Callable[..., Any]:
+        """The rollout's generate function (rollout.engine's) with the current policy."""
         if self._generate_fn is not None:
             return self._generate_fn
-        model, mesh, tok = self.rollout_model(), self.mesh, self.tokenizer
+        return self.make_generate_fn(self.rollout_model(), self.mesh)
+
+    def make_generate_fn(self, model: Any, mesh: jax.sharding.Mesh | None) -> Callable[..., Any]:
+        """rollout.engine's generate function sampling from `model` on `mesh` (the train mesh in
+        sync mode, the rollout mesh in async mode)."""
+        tok = self.tokenizer
         state = sampler.decode_state(model, mesh)
         r = self.cfg.rollout
 
@@ -206,16 +245,16 @@ class Trainer:
         if r.engine != "continuous":
             raise ValueError(f"rollout.engine={r.engine!r}: expected 'static' or 'continuous'")
         return engine_generate_fn(
-            model, tok, slots=self._engine_slots(), max_len=r.engine_max_len or self._engine_max_len(model),
+            model, tok, slots=self._engine_slots(mesh), max_len=r.engine_max_len or self._engine_max_len(model),
             decode_steps=r.engine_decode_steps, prefill_rows=r.engine_prefill_rows,
             refill_batch=r.engine_refill_batch,
             static_fn=generate, mesh=mesh,
             temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
 
-    def _engine_slots(self) -> int:
+    def _engine_slots(self, mesh: jax.sharding.Mesh | None = None) -> int:
         """The engine's slots on this process: rollout.max_rows_per_call (all processes together,
         as plan and compile count them) split over the processes."""
-        procs = jax.process_count() if self.mesh is not None else 1
+        procs = jax.process_count() if (mesh or self.mesh) is not None else 1
         return -(-turn_rows(self.cfg) // procs)
 
     def _engine_max_len(self, model: Any) -> int:
@@ -233,53 +272,50 @@ class Trainer:
             return None
         return lambda n: global_max(n)[0]
 
+    def generation_batch(self, generate: Callable[..., Any], docs: list[dict], seed: Seed) -> ScoredBatch:
+        """One generation batch: the rollout of `docs` x group_size, scored, with the groups that
+        dynamic sampling keeps (mixed groups under rl.filter_metric)."""
+        rl, a = self.cfg.rl, self.cfg.agent
+        res = rollout(docs, policy=self.policy, builder=self.builder, tokenizer=self.tokenizer,
+                      generate_fn=generate, group_size=self.cfg.rollout.group_size, training=True,
+                      gen_kwargs=dict(max_memory_new_tokens=a.max_memory_tokens,
+                                      max_final_new_tokens=a.max_final_new_tokens, seed=seed),
+                      question_budget=a.question_budget, sync_steps=self._sync_steps())
+        if jax.process_count() > 1:  # every process holds the whole generation batch
+            parts = allgather_objects(res)
+            res = merge_kept(parts, [np.ones(len(p.trajectories), bool) for p in parts])
+            res.stats = _merge_stats([p.stats for p in parts])
+        scored = [self.reward_fn(t) for t in res.trajectories]
+        for t, (r_i, a_i) in zip(res.trajectories, scored):
+            t.reward, t.accuracy = float(r_i), float(a_i)
+        reward = np.array([s[0] for s in scored], np.float32)
+        acc = np.array([s[1] for s in scored], np.float32)
+        groups = np.array([t.group_id for t in res.trajectories])
+        metric = acc if rl.filter_metric == "accuracy" else reward
+        keep = filter_groups(metric, groups) if rl.filter_groups else np.ones(len(groups), bool)
+        return ScoredBatch(res, reward, acc, keep)
+
+    def _too_many_batches(self, kept_groups: int, gen: int) -> DynamicSamplingError:
+        rl = self.cfg.rl
+        return DynamicSamplingError(
+            f"dynamic sampling kept {kept_groups} of rl.train_batch_size={rl.train_batch_size} "
+            f"groups after rl.max_num_gen_batches={rl.max_num_gen_batches} generation batches "
+            "(the other groups were all-correct or all-wrong); raise rl.max_num_gen_batches "
+            "(0 = unbounded), rl.gen_batch_size, or the group size")
+
     def collect(self) -> Collected:
         """Generation batches until train_batch_size mixed groups are kept (dynamic sampling)."""
-        rl, a = self.cfg.rl, self.cfg.agent
+        rl = self.cfg.rl
         generate = self.generate_fn()
-        results, keeps, all_rewards, all_acc, stats = [], [], [], [], []
-        kept_groups = gen = 0
+        batches: list[ScoredBatch] = []
+        kept_groups = 0
         while kept_groups < rl.train_batch_size:
-            if rl.max_num_gen_batches and gen >= rl.max_num_gen_batches:
-                raise DynamicSamplingError(
-                    f"dynamic sampling kept {kept_groups} of rl.train_batch_size={rl.train_batch_size} "
-                    f"groups after rl.max_num_gen_batches={rl.max_num_gen_batches} generation batches "
-                    "(the other groups were all-correct or all-wrong); raise rl.max_num_gen_batches "
-                    "(0 = unbounded), rl.gen_batch_size, or the group size"
-                )
-            docs = next(self.data)
-            seed = derive(self.cfg.trainer.seed, self.rl_step, gen)  # this batch's stream
-            res = rollout(docs, policy=self.policy, builder=self.builder, tokenizer=self.tokenizer,
-                          generate_fn=generate, group_size=self.cfg.rollout.group_size, training=True,
-                          gen_kwargs=dict(max_memory_new_tokens=a.max_memory_tokens,
-                                          max_final_new_tokens=a.max_final_new_tokens, seed=seed),
-                          question_budget=a.question_budget, sync_steps=self._sync_steps())
-            if jax.process_count() > 1:  # every process holds the whole generation batch
-                parts = allgather_objects(res)
-                res = merge_kept(parts, [np.ones(len(p.trajectories), bool) for p in parts])
-                res.stats = _merge_stats([p.stats for p in parts])
-            gen += 1
-            scored = [self.reward_fn(t) for t in res.trajectories]
-            for t, (r_i, a_i) in zip(res.trajectories, scored):
-                t.reward, t.accuracy = float(r_i), float(a_i)
-            reward = np.array([s[0] for s in scored], np.float32)
-            acc = np.array([s[1] for s in scored], np.float32)
-            groups = np.array([t.group_id for t in res.trajectories])
-            metric = acc if rl.filter_metric == "accuracy" else reward
-            keep = filter_groups(metric, groups) if rl.filter_groups else np.ones(len(groups), bool)
-            kept_groups += len(set(groups[keep].tolist()))
-            results.append(res), keeps.append(keep), all_rewards.append(reward), all_acc.append(acc)
-            stats.append(res.stats)
-        keep_all = np.concatenate(keeps)
-        offsets = np.cumsum([0] + [len(r.trajectories) for r in results])
-        gids = np.concatenate([np.array([t.group_id for t in r.trajectories]) + 10**7 * i
-                               for i, r in enumerate(results)])
-        keep_all = select_groups(keep_all, gids, rl.train_batch_size)
-        keeps = [keep_all[offsets[i]:offsets[i + 1]] for i in range(len(results))]
-        merged = merge_kept(results, keeps)
-        reward = np.concatenate(all_rewards)[keep_all]
-        acc = np.concatenate(all_acc)
-        return Collected(merged, reward, acc, gen, len(set(gids.tolist())), _merge_stats(stats))
+            if rl.max_num_gen_batches and len(batches) >= rl.max_num_gen_batches:
+                raise self._too_many_batches(kept_groups, len(batches))
+            seed = derive(self.cfg.trainer.seed, self.rl_step, len(batches))  # this batch's stream
+            batches.append(self.generation_batch(generate, next(self.data), seed))
+            kept_groups += batches[-1].kept_groups
+        return assemble(batches, rl.train_batch_size)
 
     # ------------------------------------------------------------------------------- update
     def _rows_on_device(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -327,12 +363,14 @@ class Trainer:
             extra["old_logp"] = self._logprob_pass(self.state.params, batch, lengths)
         if self.ref_params is not None:
             extra["ref_logp"] = self._logprob_pass(self.ref_params, batch, lengths)
+        extra.update(self.extra_token_arrays(merged, batch))
         timings["time/old_logp"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         rng = np.random.default_rng([self.cfg.trainer.seed, self.rl_step, 7])
         sums: dict[str, float] = {}
         dens, norms, skipped = [], [], 0
+        lag_sums: dict[str, float] = {}
         multiple = batch_multiple(self.mesh)
         dropping = self.lora is not None and self.lora.dropout > 0
         micro_index = 0
@@ -351,6 +389,8 @@ class Trainer:
                                                    self._rows_on_device(arrays),
                                                    jnp.float32(max(den, 1e-8)), self.settings,
                                                    self.frozen, dropout_rng)
+                    for k in [k for k in aux if k.startswith("lag_")]:  # per-lag sums: not means
+                        lag_sums[k] = lag_sums.get(k, 0.0) + float(aux.pop(k))
                     acc_grads = grads if acc_grads is None else accumulate(acc_grads, grads)
                     mini_sums = aux if mini_sums is None else jax.tree.map(jnp.add, mini_sums, aux)
                 self.state, norm, skip = self.apply_update(self.state, acc_grads)
@@ -371,7 +411,15 @@ class Trainer:
                     "response/final_length_mean": float(final_len.mean()),
                     "batch/conversations": len(lengths), "batch/trajectories": len(trajs),
                     "batch/tokens": int(lengths.sum()), **timings})
+        for j in range(LAG_BUCKETS):  # async: mean |sampler - trainer| log-prob per version lag
+            if lag_sums.get(f"lag_tokens_{j}", 0.0) > 0:
+                name = f"async/rollout_logprob_abs_diff_lag{j}" + ("+" if j == LAG_BUCKETS - 1 else "")
+                out[name] = lag_sums[f"lag_gap_{j}"] / lag_sums[f"lag_tokens_{j}"]
         return out
+
+    def extra_token_arrays(self, merged: RolloutResult, batch: Any) -> dict[str, np.ndarray]:
+        """Per-token arrays [N, T] the loss reads beside the batch's (none in sync mode)."""
+        return {}
 
     # -------------------------------------------------------------------------------- loop
     def save(self, force: bool = False) -> None:
@@ -395,8 +443,14 @@ class Trainer:
             collected = self.collect()
             t_rollout = time.perf_counter() - t0
             metrics = self.update(collected)
+        metrics.update(self._step_metrics(collected, t_rollout, time.perf_counter() - t0))
+        self.rl_step += 1
+        return metrics
+
+    def _step_metrics(self, collected: Collected, t_rollout: float, t_step: float) -> dict[str, Any]:
+        """The step's rollout, reward and timing metrics (beside the update's)."""
         s = collected.rollout_stats
-        metrics.update({
+        return {
             "reward/mean": float(collected.rewards.mean()),
             "accuracy/all_mean": float(collected.accuracy.mean()),
             "dynamic/gen_batches": collected.gen_batches,
@@ -408,11 +462,9 @@ class Trainer:
             "rollout/truncation_rate": s.get("truncation_rate", 0.0),
             "response/memory_length_mean": s.get("mean_memory_response_length", 0.0),
             "response/length_mean": s.get("mean_response_length", 0.0),
-            "time/rollout": t_rollout, "time/step": time.perf_counter() - t0,
+            "time/rollout": t_rollout, "time/step": t_step,
             "sampler/compilations": sampler.compile_count(),
-        })
-        self.rl_step += 1
-        return metrics
+        }
 
     def run(self, progress: bool | None = None) -> str:
         """Trains to total_steps (resuming if a checkpoint exists). Returns "done" | "interrupted"."""
