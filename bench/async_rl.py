@@ -7,12 +7,13 @@ async: `rollout.mode: async` with 1 rollout device + 1 train device (`mesh.rollo
 Both start from the demo's warm start (tiny.yaml's policy and task; `--run` a demo folder whose sft
 stage is done, else the shipped base's demo is run `--until sft` into a temporary folder) and train
 the same number of samples per round (`--steps` RL steps of rl.train_batch_size groups). The
-sides are interleaved (bench/timing.py): a warm-up round each, then `--repeats` rounds; between its
-rounds the async side's rollout thread is stopped and its queue emptied, so no round starts with
-batches made during the other side's round. Prints ONE JSON line: `ratio` = sync seconds / async
-seconds per round (median and spread), both sides' seconds per step, the async side's rollout and
-train busy fractions, staleness histogram, dropped batches and weight-sync seconds, and sync on
-ONE device beside it (`sync_1dev`: whether the 2-device mesh itself costs time at this size).
+sides are interleaved (bench/timing.py): a warm-up round each, then `--repeats` rounds, each from
+the warm start's weights again; between its rounds the async side's rollout thread is stopped and
+its queue emptied, so no round starts with batches made during the other side's round. Prints ONE
+JSON line: `ratio` = sync seconds / async seconds per round (median and spread), both sides'
+seconds per step, the async side's rollout and train busy fractions, staleness histogram, dropped
+batches and weight-sync seconds, sync on ONE device beside it (`sync_1dev`: whether the 2-device
+mesh itself costs time at this size), and the sync side's reply lengths as shares of their budgets.
 
     python bench/async_rl.py --steps 20 --repeats 5
 """
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     import jax
+    import numpy as np
 
     from memagent_jax.demo.pipeline import Run, load_demo_config, run_demo
 
@@ -77,13 +79,20 @@ def main(argv: list[str] | None = None) -> dict:
     root = Path(args.run) if args.run else Path(tmp.name) / "demo"
     if not args.run:
         run_demo(root, until="sft", overrides=["demo.progress=false"])
-    cfg, demo = load_demo_config(root / "config.yaml" if (root / "config.yaml").exists() else "tiny")
+    cfg, demo = load_demo_config("tiny")  # tiny.yaml's RL stage on the folder's warm start and data
     run = Run(root, cfg, demo)
     sides = {name: make_trainer_for(run, Path(tmp.name) / name, name, args.staleness)
              for name in ("sync", "async", "sync_1dev")}
 
+    import jax.numpy as jnp
+
+    # every round trains `--steps` steps from the warm start (the same work each round: the demo's
+    # RL converges in ~60 steps, after which dynamic sampling finds no mixed groups)
+    initial = {name: jax.tree.map(jnp.copy, t.state) for name, t in sides.items()}
+
     def round_of(name: str) -> tuple[float, list[dict]]:
         trainer = sides[name]
+        trainer.state, trainer.rl_step = jax.tree.map(jnp.copy, initial[name]), 0
         rows = []
         t0 = time.perf_counter()
         for _ in range(args.steps):
@@ -94,6 +103,15 @@ def main(argv: list[str] | None = None) -> dict:
             trainer.reset_rollout()
         return seconds, rows
 
+    lengths = {"memory": [], "final": []}  # the sync side's reply lengths, tokens
+    update = sides["sync"].update
+
+    def recording_update(collected):
+        for c in collected.batch.conversations:
+            lengths["final" if c.is_final else "memory"].append(len(c.response))
+        return update(collected)
+
+    sides["sync"].update = recording_update
     for name in sides:  # warm-up: compiles every program of both sides
         round_of(name)
     times: dict[str, list[float]] = {name: [] for name in sides}
@@ -123,6 +141,12 @@ def main(argv: list[str] | None = None) -> dict:
             "weight_sync_seconds": round(statistics.median(r["time/weight_sync"] for r in async_rows), 4),
             "max_staleness": args.staleness,
         },
+        # the demo's reply lengths as shares of their budgets (bench/async_projection.py uses them)
+        "reply_share": {kind: {"budget": budget, "mean": round(statistics.mean(v) / budget, 3),
+                               "quantiles": [round(float(q) / budget, 3) for q in
+                                             np.quantile(v, [0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0])]}
+                        for kind, v, budget in (("memory", lengths["memory"], cfg.agent.max_memory_tokens),
+                                                ("final", lengths["final"], cfg.agent.max_final_new_tokens))},
         "steps_per_round": args.steps, "repeats": args.repeats,
         "groups_per_step": cfg.rl.train_batch_size, "group_size": cfg.rollout.group_size,
         "devices": len(jax.devices()),

@@ -6,7 +6,7 @@ out="${1:-bench/results/all.json}"
 mkdir -p "$(dirname "$out")"
 py="${PYTHON:-.venv/bin/python}"
 lines=()
-for bench in sampler train_step rollout_scaling rollout_engine; do
+for bench in sampler train_step rollout_scaling rollout_engine async_rl; do
   echo "running bench/${bench}.py" >&2
   lines+=("$("$py" "bench/${bench}.py" 2>/dev/null | tail -n 1)")
 done

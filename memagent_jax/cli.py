@@ -171,7 +171,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
-    from memagent_jax.compile import run_compile_cli
+    from memagent_jax.compile_cli import run_compile_cli
 
     return run_compile_cli(args)
 
@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(fn=_cmd_plan, _pairs="overrides")
 
     c = add("compile", help="AOT-compile every program of an RL step for a TPU topology (no TPU needed)")
-    from memagent_jax.compile import add_compile_arguments
+    from memagent_jax.compile_cli import add_compile_arguments
 
     add_compile_arguments(c)
     c.set_defaults(fn=_cmd_compile, _pairs="overrides")

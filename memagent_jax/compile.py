@@ -82,6 +82,10 @@ class CompileReport:
     programs: list[ProgramReport]
     failures: list[tuple[str, str]]  # (program, the compiler's error)
     costs_scaled: bool = False  # FLOPs/bytes are whole calls (compile_rl_step costs=True)
+    # rollout.mode: async on split devices: the rollout mesh's shape and its device count (the
+    # train mesh, `mesh`, has the rest); None when both phases share one mesh
+    rollout_mesh: tuple[int, int, int] | None = None
+    rollout_devices: int = 0
     recipe: dict[str, float] | None = None  # recipe_estimate: the step from the model's arithmetic
 
     @property
@@ -146,8 +150,17 @@ def compile_rl_step(cfg: Config, topology: str, *, config_name: str = "",
     from jax.experimental import topologies
 
     target, desc = load_target(topology)
-    mesh_shape = MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor).resolve(target.devices)
-    mesh = topologies.make_mesh(desc, mesh_shape, MESH_AXES)
+    split = cfg.rollout.mode == "async" and cfg.mesh.rollout_devices > 0
+    if split:  # async RL: the rollout on its devices, training on the rest (rl/async_trainer.py)
+        from memagent_jax.rl.async_trainer import build_async_meshes
+
+        mesh, rmesh = build_async_meshes(cfg, list(desc.devices))
+        mesh_shape = tuple(mesh.devices.shape)
+        rollout_shape = tuple(rmesh.devices.shape)
+    else:
+        mesh_shape = MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor).resolve(target.devices)
+        mesh = rmesh = topologies.make_mesh(desc, mesh_shape, MESH_AXES)
+        rollout_shape = mesh_shape
     name, model = resolve_model(cfg)
     if layers is not None:
         model = model.replace(num_layers=layers)
@@ -165,7 +178,7 @@ def compile_rl_step(cfg: Config, topology: str, *, config_name: str = "",
             return
         say(f"compiling {name_} ({shape}) ...")
         try:
-            with mesh_context(mesh):
+            with mesh_context(rmesh if name_ in ROLLOUT_PROGRAMS else mesh):
                 programs.append(_compile(name_, shape, fn, resident, what))
         except Exception as e:  # the compiler's refusal (e.g. HLO temporaries exceed HBM)
             failures.append((name_, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"))
@@ -179,14 +192,18 @@ def compile_rl_step(cfg: Config, topology: str, *, config_name: str = "",
     base_what = " + frozen base" if base else ""
 
     # ------------------------------------------------------------------------------ rollout
-    rows = rollout_rows(cfg, (d, f, t))
+    rows = rollout_rows(cfg, rollout_shape)
     prompt_len, new_tokens, max_len = rollout_lengths(cfg)
     merge = model.lora is not None and cfg.model.lora.rollout == "merged"
     decode_model = model.replace(lora=None) if merge else model  # trainer.rollout_model
-    dgraph, dstate = abstract_params(decode_model, mesh, DECODE_RULES, jnp.dtype(model.dtype))
+    dgraph, dstate = abstract_params(decode_model, rmesh, DECODE_RULES, jnp.dtype(model.dtype))
     state_resident = p_bytes + o_bytes + ref + base
     state_what = "train state (weights + AdamW)" + ref_what + base_what
-    if f == 1 and model.lora is not None:  # the decode weights share the base's buffers
+    if split:  # the rollout mesh holds decode weights only: the current and, during a weight
+        # sync, the incoming version (WeightBroker.publish)
+        state_resident = _bytes(dstate)
+        state_what = "the incoming weight version (async weight sync)"
+    elif f == 1 and model.lora is not None:  # the decode weights share the base's buffers
         shared = base - (_bytes([v for k, v in nnx.to_flat_state(frozen) if k[-1] in model.lora.targets])
                          if merge else 0)  # merged: new buffers for the targets
         state_resident -= shared
@@ -199,7 +216,7 @@ def compile_rl_step(cfg: Config, topology: str, *, config_name: str = "",
         chunk = min(512, P)
         P = -(-P // chunk) * chunk
         N = sampler_mod._pow2_bucket(new_tokens, 16)
-        bs = lambda nd: batch_sharding(mesh, DECODE_RULES, nd)  # noqa: E731
+        bs = lambda nd: batch_sharding(rmesh, DECODE_RULES, nd)  # noqa: E731
         args = (_abstract((rows, P), jnp.int32, bs(2)), _abstract((rows,), jnp.int32, bs(1)),
                 _abstract((rows,), jnp.int32, bs(1)), _abstract((rows, 2), jnp.uint32, bs(2)),
                 _abstract((rows,), jnp.int32, bs(1)))
@@ -207,32 +224,34 @@ def compile_rl_step(cfg: Config, topology: str, *, config_name: str = "",
                   vocab_limit=jnp.int32(model.vocab_size),
                   stop_ids=np.full((sampler_mod.MAX_STOP_IDS,), -1, np.int32),
                   max_new_tokens=jnp.int32(new_tokens))
-        sp = {k: _abstract(np.shape(v), np.asarray(v).dtype, repl) for k, v in sp.items()}
-        gen = sampler_mod._compiled(dgraph, N, chunk, mesh)
+        rrepl = NamedSharding(rmesh, PartitionSpec())
+        sp = {k: _abstract(np.shape(v), np.asarray(v).dtype, rrepl) for k, v in sp.items()}
+        gen = sampler_mod._compiled(dgraph, N, chunk, rmesh)
         attempt("sampler generate", f"{rows} rows x {P} prompt + {N} new",
                 lambda: gen.lower(dgraph, dstate, *args, sp).compile(), state_resident, state_what)
     else:
-        slots = abstract_slots(model, rows, max_len, mesh)
+        slots = abstract_slots(model, rows, max_len, rmesh)
         P = min(sampler_mod.bucket(prompt_len), max_len)
         chunk = min(512, P)
         if P % chunk:
             P = min(-(-P // chunk) * chunk, max_len)
             chunk = chunk if P % chunk == 0 else P
-        M = rollout_rows(cfg, (d, f, t), cfg.rollout.engine_prefill_rows) if cfg.rollout.engine_prefill_rows else rows
+        M = rollout_rows(cfg, rollout_shape, cfg.rollout.engine_prefill_rows) if cfg.rollout.engine_prefill_rows else rows
         M = min(M, rows)
-        bs = lambda nd: batch_sharding(mesh, DECODE_RULES, nd)  # noqa: E731
-        new = abstract_new_rows(M, mesh)
-        prefill = engine_mod._jitted_prefill(chunk, mesh)
+        bs = lambda nd: batch_sharding(rmesh, DECODE_RULES, nd)  # noqa: E731
+        rrepl = NamedSharding(rmesh, PartitionSpec())
+        new = abstract_new_rows(M, rmesh)
+        prefill = engine_mod._jitted_prefill(chunk, rmesh)
         attempt("engine prefill", f"{M} rows (all unique) x {P} prompt into {rows} slots x {max_len}",
                 lambda: prefill.lower(dgraph, dstate, slots, _abstract((M, P), jnp.int32, bs(2)),
                                       _abstract((M,), jnp.int32, bs(1)),
                                       _abstract((M,), jnp.int32, bs(1)),
                                       _abstract((M,), jnp.int32, bs(1)), new).compile(),
                 state_resident, state_what)
-        decode = engine_mod._jitted_decode(cfg.rollout.engine_decode_steps, mesh)
+        decode = engine_mod._jitted_decode(cfg.rollout.engine_decode_steps, rmesh)
         attempt("engine decode", f"{rows} slots x {max_len}, {cfg.rollout.engine_decode_steps} steps/call",
-                lambda: decode.lower(dgraph, dstate, slots, _abstract((), jnp.int32, repl),
-                                     _abstract((), jnp.int32, repl)).compile(),
+                lambda: decode.lower(dgraph, dstate, slots, _abstract((), jnp.int32, rrepl),
+                                     _abstract((), jnp.int32, rrepl)).compile(),
                 state_resident, state_what)
 
     # ------------------------------------------------------------------------ train programs
@@ -270,12 +289,15 @@ def compile_rl_step(cfg: Config, topology: str, *, config_name: str = "",
             lambda: apply.lower(state, params).compile(), ref + base,
             (ref_what + base_what).strip(" +") or "-")
     _count_calls(cfg, programs, rows=rows, max_len=max_len, micro_rows=B, width=width)
-    report = CompileReport(config_name, name, target, mesh_shape, attention, programs, failures)
+    report = CompileReport(config_name, name, target, mesh_shape, attention, programs, failures,
+                           rollout_mesh=rollout_shape if split else None,
+                           rollout_devices=int(np.prod(rollout_shape)) if split else 0)
     if costs and layers is None and programs:
         say("counting costs per layer (1- and 2-layer compiles of the same programs) ...")
         _scale_costs(report, cfg, topology, model.num_layers, only)
         report.costs_scaled = True
-        report.recipe = recipe_estimate(cfg, model, target)
+        if not split:  # the model-arithmetic bound assumes one set of devices for both phases
+            report.recipe = recipe_estimate(cfg, model, target)
     return report
 
 
@@ -331,14 +353,23 @@ def step_estimate(report: CompileReport) -> dict[str, float]:
     estimate: real steps add host work, collectives the estimate misses and load imbalance, and
     the call counts are upper bounds (every reply at its budget)."""
     tgt = report.target
-    roofline = compiler = flops = 0.0
+    phase = {"rollout": [0.0, 0.0], "train": [0.0, 0.0]}  # [roofline, compiler] seconds
+    flops = 0.0
     for p in report.programs:
-        roofline += p.calls_per_step * max(p.flops / tgt.peak_flops, p.bytes_accessed / tgt.hbm_bandwidth)
-        compiler += p.calls_per_step * p.compiler_seconds
+        lane = phase["rollout" if p.name in ROLLOUT_PROGRAMS else "train"]
+        lane[0] += p.calls_per_step * max(p.flops / tgt.peak_flops, p.bytes_accessed / tgt.hbm_bandwidth)
+        lane[1] += p.calls_per_step * p.compiler_seconds
         flops += p.calls_per_step * p.flops
+    # sync: the phases one after the other; async on split devices: at the same time (the step
+    # is the slower lane, assuming they overlap fully)
+    combine = max if report.rollout_mesh is not None else (lambda a, b: a + b)
+    roofline = combine(phase["rollout"][0], phase["train"][0])
+    compiler = combine(phase["rollout"][1], phase["train"][1])
     mfu = lambda s: flops / (s * tgt.peak_flops) if s else 0.0  # noqa: E731
     return {"seconds": roofline, "compiler_seconds": compiler, "flops_per_device": flops,
-            "mfu": mfu(roofline), "compiler_mfu": mfu(compiler)}
+            "mfu": mfu(roofline), "compiler_mfu": mfu(compiler),
+            "rollout_seconds": phase["rollout"][0], "train_seconds": phase["train"][0],
+            "rollout_compiler_seconds": phase["rollout"][1], "train_compiler_seconds": phase["train"][1]}
 
 
 def recipe_estimate(cfg: Config, model: ModelConfig, target: Target) -> dict[str, float]:
@@ -381,98 +412,11 @@ def recipe_estimate(cfg: Config, model: ModelConfig, target: Target) -> dict[str
     total = train + logprob + prefill + decode_flops
     seconds = compute + decode
     return {"seconds": seconds, "compute_seconds": compute, "decode_seconds": decode,
-            "model_flops": total}
+            "model_flops": total,
+            # the two phases apart (async RL runs them on their own devices)
+            "train_compute_seconds": (train + logprob) / (devices * target.peak_flops),
+            "prefill_seconds": prefill / (devices * target.peak_flops),
+            "decode_steps": steps, "generated_tokens": generated, "slots": slots}
 
 
 # ----------------------------------------------------------------------------------- printing
-def _gib(n: float) -> str:
-    return f"{n / GIB:.2f}"
-
-
-def format_report(report: CompileReport) -> str:
-    """The table `memagent-jax compile` prints: one row per program."""
-    tgt = report.target
-    d, f, t = report.mesh
-    lines = [f"{report.config or 'config'}: {report.model_name} on {tgt.topology} ({tgt.chips} chips, "
-             f"{tgt.devices} devices x {tgt.hbm_bytes / GIB:.2f} GiB HBM); mesh data={d} fsdp={f} "
-             f"tensor={t}; attention {report.attention}; budget {_gib(report.budget)} GiB per device "
-             f"({HEADROOM:.0%} headroom)", "",
-             f"{'program':<22} {'args':>7} {'out':>7} {'temp':>7} {'alias':>7} {'resident':>9} "
-             f"{'peak':>7} {'TFLOP':>9} {'est. ms':>9} {'calls/step':>10} {'compile s':>9}  verdict   (GiB per device)"]
-    for p in report.programs:
-        lines.append(f"{p.name:<22} {_gib(p.arguments):>7} {_gib(p.outputs):>7} {_gib(p.temporaries):>7} "
-                     f"{_gib(p.aliased):>7} {_gib(p.resident):>9} {_gib(p.peak):>7} "
-                     f"{p.flops / 1e12:>9.2f} {p.compiler_seconds * 1e3:>9.2f} {p.calls_per_step:>10.0f} "
-                     f"{p.compile_seconds:>9.1f}  "
-                     f"{'FITS' if report.fits(p) else 'DOES NOT FIT'}")
-    lines.append("  TFLOP, est. ms (the compiler's time estimate) per call: " + (
-        "whole calls (loop bodies scaled by their trip counts)" if report.costs_scaled
-        else "the compiler's cost analysis, each loop body once (--estimate counts whole calls)"))
-    lines.append("")
-    for p in report.programs:
-        lines.append(f"  {p.name}: {p.shape}; resident besides its arguments: {p.resident_what}")
-    for name, err in report.failures:
-        lines.append(f"  {name}: DID NOT COMPILE: {err}")
-    if report.programs and report.costs_scaled:
-        est = step_estimate(report)
-        rec = report.recipe or {}
-        lines += ["", f"estimated RL step (upper-bound call counts): roofline of the compiler's FLOPs "
-                      f"and bytes {est['seconds']:.0f} s (MFU {est['mfu']:.1%}); the compiler's own "
-                      f"estimate {est['compiler_seconds']:.0f} s (MFU {est['compiler_mfu']:.1%})"]
-        if rec:
-            lines.append(f"  from the model's arithmetic instead: {rec['seconds']:.0f} s (compute-bound "
-                         f"{rec['compute_seconds']:.0f} s + HBM-bound decode {rec['decode_seconds']:.0f} s) "
-                         f"at 100% of peak; {rec['model_flops'] / report.target.devices / 1e12:.0f} TFLOP "
-                         f"per device vs the compiler's {est['flops_per_device'] / 1e12:.0f}")
-    lines.append("verdict: " + ("every program compiles and fits" if report.ok else "DOES NOT FIT"
-                                if not report.failures else "a program did not compile"))
-    return "\n".join(lines)
-
-
-def report_json(report: CompileReport) -> dict[str, Any]:
-    """The report as one JSON-able object (`--json`)."""
-    tgt = report.target
-    out = {"config": report.config, "model": report.model_name, "topology": tgt.topology,
-           "chips": tgt.chips, "devices": tgt.devices, "hbm_bytes_per_device": tgt.hbm_bytes,
-           "budget_bytes": report.budget, "mesh": dict(zip(MESH_AXES, report.mesh)),
-           "attention": report.attention, "ok": report.ok,
-           "programs": [dict(dataclasses.asdict(p), peak=p.peak, fits=report.fits(p))
-                        for p in report.programs],
-           "failures": [{"program": n, "error": e} for n, e in report.failures],
-           "phase_peak_bytes": {"rollout": report.phase_peak("rollout"),
-                                "train": report.phase_peak("train")}}
-    if report.programs and report.costs_scaled:
-        out["estimate"] = step_estimate(report)
-        out["recipe_estimate"] = report.recipe
-    return out
-
-
-# ------------------------------------------------------------------------------------- the CLI
-def add_compile_arguments(parser: Any) -> None:
-    """Arguments of `memagent-jax compile CONFIG --topology T [key=value ...] [--json]`."""
-    parser.add_argument("config", help="a YAML file or a name under configs/")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
-    parser.add_argument("--topology", required=True,
-                        help="TPU slice (v5p-32: 32 TensorCores = 16 chips; v5e-16, v6e-8: chips) "
-                             "or topology string (v5p:2x2x4)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    parser.add_argument("--estimate", action="store_true",
-                        help="also estimate one RL step's seconds and MFU (compiles each program again "
-                             "with 1 and 2 layers to count loop bodies: about 2x the time)")
-
-
-def run_compile_cli(args: Any) -> int:
-    """Compiles and prints the report; exit status 0 if every program compiles and fits, else 1."""
-    import json
-    import sys
-
-    from memagent_jax.config import load_config
-    from memagent_jax.tpu_topology import load_target
-
-    load_target(args.topology)  # bad topology / no libtpu: exit 2 before reading the config
-    cfg = load_config(args.config, list(args.overrides or []))
-    progress = None if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
-    report = compile_rl_step(cfg, args.topology, config_name=str(args.config), progress=progress,
-                             costs=args.estimate)
-    print(json.dumps(report_json(report)) if args.json else format_report(report))
-    return 0 if report.ok else 1

@@ -18,6 +18,18 @@ def process_count() -> int:
     return jax.process_count()
 
 
+def mesh_processes(mesh: Any) -> tuple[int, int]:
+    """(number of processes whose devices `mesh` holds, this process's rank among them): (1, 0)
+    without a mesh or for a mesh of this process's devices only (async RL's local rollout mesh),
+    where no collective is needed."""
+    if mesh is None or jax.process_count() == 1:
+        return 1, 0
+    procs = sorted({d.process_index for d in mesh.devices.flat})
+    if len(procs) == 1:
+        return 1, 0
+    return len(procs), procs.index(jax.process_index())
+
+
 def allgather_ints(values: Sequence[int]) -> np.ndarray:
     """[num_processes, len(values)] int64: every process's `values` (same length everywhere)."""
     local = np.asarray(values, np.int64)[None]
@@ -62,7 +74,7 @@ def allgather_objects(obj: Any) -> list[Any]:
 
 def global_array(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
     """A global jax.Array from a host array that is IDENTICAL on every process."""
-    if jax.process_count() == 1:
+    if jax.process_count() == 1 or sharding.is_fully_addressable:
         return jax.device_put(host, sharding)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
@@ -70,7 +82,7 @@ def global_array(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array
 def from_process_local(local: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
     """A global array whose leading axis is the concatenation of every process's `local` rows
     (each process passes the same number of rows)."""
-    if jax.process_count() == 1:
+    if jax.process_count() == 1 or sharding.is_fully_addressable:
         return jax.device_put(local, sharding)
     return jax.make_array_from_process_local_data(sharding, local)
 

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from memagent_jax.distributed import allgather_ints, from_process_local, process_offsets
+from memagent_jax.distributed import allgather_ints, from_process_local, mesh_processes, process_offsets
 from memagent_jax.models.sharding import (
     DECODE_RULES, batch_multiple, batch_sharding, cache_sharding, mesh_context,
 )
@@ -259,10 +259,10 @@ class Engine:
                              f"{cfg.max_position_embeddings}]")
         self.model, self.config = model, cfg
         self.mesh = mesh
-        self.procs = jax.process_count() if mesh is not None else 1
+        self.procs, self.rank = mesh_processes(mesh)  # (1, 0) for a mesh of this process only
         per_process = max(1, batch_multiple(mesh, DECODE_RULES) // self.procs)
         self.local_slots = _pow2_bucket(max(1, slots), per_process)  # the slots this process fills
-        self.first_slot = (jax.process_index() if self.procs > 1 else 0) * self.local_slots
+        self.first_slot = self.rank * self.local_slots
         self.num_slots = self.local_slots * self.procs
         self.max_len, self.decode_steps = int(max_len), int(decode_steps)
         self.prefill_chunk, self.share_prefill = int(prefill_chunk), share_prefill
@@ -356,7 +356,7 @@ class Engine:
         lens = np.ones((U,), np.int32)
         for i, p in enumerate(unique_prompts):
             ids[i, : len(p)], lens[i] = p, len(p)
-        first_unique = (jax.process_index() if self.procs > 1 else 0) * U
+        first_unique = self.rank * U
         rows = np.zeros((M,), np.int32) + first_unique
         rows[: len(batch)] += np.asarray(row_to_unique, np.int32)
         slot_idx = np.full((M,), self.num_slots, np.int32)  # padding rows: dropped

@@ -51,7 +51,8 @@ def run_plan_cli(args: argparse.Namespace) -> int:
             print("source: formulas (libtpu not installed: pip install 'libtpu==0.0.42.*' to ask "
                   "the TPU compiler)")
         else:
-            from memagent_jax.compile import compile_rl_step, format_report
+            from memagent_jax.compile import compile_rl_step
+            from memagent_jax.compile_cli import format_report
 
             cfg = load_config(args.config, list(args.overrides or []))
             report = compile_rl_step(cfg, args.topology, config_name=str(args.config))

@@ -145,3 +145,28 @@ def plot_heatmap(cells: Sequence[Mapping[str, Any]], path: str | Path,
         fig.colorbar(image, ax=list(axes), label="accuracy (%)", shrink=0.9)
     fig.suptitle(title)
     return _save(fig, path)
+
+
+def plot_timeline(events: Sequence[Mapping[str, Any]], path: str | Path, *, last_steps: int = 12,
+                  title: str = "Async RL: when each lane was busy") -> Path:
+    """Gantt-like strips of async RL's lanes (rollout / train / weight sync) over the last
+    `last_steps` RL steps; `events` are `timeline.jsonl`'s rows {lane, step, start, end}."""
+    lanes = ("rollout", "train", "sync")
+    colors = {"rollout": "tab:blue", "train": "tab:orange", "sync": "tab:green"}
+    steps = sorted({int(e["step"]) for e in events if e["lane"] == "train"})
+    keep = set(steps[-last_steps:])
+    t0 = min((e["start"] for e in events if e["lane"] == "train" and e["step"] in keep), default=0.0)
+    fig = Figure(figsize=(10, 2.4))
+    ax = fig.add_subplot(1, 1, 1)
+    for row, lane in enumerate(lanes):
+        spans = [(e["start"] - t0, e["end"] - e["start"]) for e in events
+                 if e["lane"] == lane and e["end"] >= t0 and (lane == "rollout" or e["step"] in keep)]
+        ax.broken_barh(spans, (row - 0.35, 0.7), facecolors=colors[lane])
+    for e in events:  # step boundaries: the end of each update
+        if e["lane"] == "train" and e["step"] in keep:
+            ax.axvline(e["end"] - t0, color="0.6", lw=0.5)
+    ax.set_yticks(range(len(lanes)), ["rollout", "update", "weight sync"])
+    ax.set(xlabel="seconds", title=title, ylim=(-0.6, len(lanes) - 0.4))
+    ax.set_xlim(left=0)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -29,7 +29,7 @@ from memagent_jax.models.sharding import (
     cache_sharding,
     param_shardings,
 )
-from memagent_jax.distributed import allgather_ints, from_process_local, to_host
+from memagent_jax.distributed import allgather_ints, from_process_local, mesh_processes, to_host
 from memagent_jax.models.attention import resolve as resolve_attention
 from memagent_jax.models.transformer import Decoder, KVCache
 from memagent_jax.seeds import Seed, as_key
@@ -296,7 +296,7 @@ def generate(
     cfg = model.config
     max_prompt_len = max_prompt_len or cfg.max_position_embeddings
     # Multi-host: every process calls with its own rows (possibly none) and joins one program.
-    procs = jax.process_count() if mesh is not None else 1
+    procs, rank = mesh_processes(mesh)  # a mesh of this process's devices only: no collective
     if procs == 1 or prompts:
         _validate(prompts, max_new_tokens, temperature, top_p, top_k, max_prompt_len)
     prompts = [list(map(int, p)) for p in prompts]
@@ -317,7 +317,7 @@ def generate(
     key_offset = 0  # global index of this process's first row (the rows of lower processes)
     if procs > 1:
         counts = allgather_ints((n_rows, n_unique, longest, max_new_tokens))
-        key_offset = int(counts[: jax.process_index(), 0].sum())
+        key_offset = int(counts[:rank, 0].sum())
         n_rows, n_unique, longest, max_new_tokens = (int(v) for v in counts.max(axis=0))
         if n_rows == 0:
             return SampleOutput(tokens=[], logps=[], finish_reasons=[])
@@ -329,7 +329,7 @@ def generate(
     chunk = min(prefill_chunk, P)
     P = -(-P // chunk) * chunk
     N = _pow2_bucket(max_new_tokens, 16)
-    first_row, first_unique = jax.process_index() * B, jax.process_index() * U  # 0 if one process
+    first_row, first_unique = rank * B, rank * U  # 0 if one process
 
     ids = np.zeros((U, P), np.int32)
     lens = np.ones((U,), np.int32)

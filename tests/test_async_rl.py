@@ -10,7 +10,7 @@ import signal
 import jax
 import numpy as np
 import pytest
-from tiny_policy import AsciiTokenizer, docs, tiny_model
+from tiny_policy import AsciiTokenizer, docs, letters_reward, tiny_model
 
 from memagent_jax.config import load_config, validate_config
 from memagent_jax.errors import InputError
@@ -25,7 +25,6 @@ from memagent_jax.rl.trainer import Trainer
 TOK = AsciiTokenizer()
 SHORT = ["agent.memory_template=Q{prompt}M{memory}C{chunk}>", "agent.final_template=Q{prompt}M{memory}>",
          "agent.first_memory=-"]
-TARGET = set(TOK.encode("xyzw"))
 
 
 def _cfg(out, *extra):
@@ -37,10 +36,7 @@ def _cfg(out, *extra):
         "trainer.total_steps=3", "trainer.save_every=100", f"trainer.out_dir={out}",
         "trainer.progress=false", "trainer.async_checkpoint=false", *extra])
 
-
-def _reward(t):
-    r = sum(i in TARGET for i in TOK.encode(t.answer_text)) / 4.0
-    return r, float(r > 0.5)
+_reward = letters_reward
 
 
 def _make(cls, out, *extra, reward_fn=_reward):
@@ -59,14 +55,18 @@ def _metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_on_policy_async_equals_sync(tmp_path):
+def test_on_policy_async_equals_sync_and_resumes(tmp_path):
     """rl.max_staleness=0: the rollout thread makes each batch on request with the sync seeds, so
-    the samples and every update equal sync mode's, bit for bit (one device, shared mesh)."""
-    sync = _make(Trainer, tmp_path / "sync")
+    the samples and every update equal sync mode's, bit for bit (one device, shared mesh). SIGTERM
+    during such a run saves; the resumed run ends with the same weights (queued batches are
+    dropped and their documents come again)."""
+    steps = ("trainer.total_steps=4",)
+    sync = _make(Trainer, tmp_path / "sync", *steps)
     assert sync.run() == "done"
     expected, sync_rows = _params(sync), _metrics(tmp_path / "sync")
     sync.close()
-    a = _make(AsyncTrainer, tmp_path / "async", "rollout.mode=async", "rl.max_staleness=0")
+    extra = ("rollout.mode=async", "rl.max_staleness=0", *steps)
+    a = _make(AsyncTrainer, tmp_path / "async", *extra)
     assert a.run() == "done"
     rows = _metrics(tmp_path / "async")
     for x, y in zip(expected, _params(a)):
@@ -76,6 +76,23 @@ def test_on_policy_async_equals_sync(tmp_path):
         for key in ("reward/mean", "actor/pg_loss", "actor/grad_norm", "batch/tokens"):
             assert s[key] == r[key], key
         assert r["async/staleness_max"] == 0 and r["async/dropped_batches"] == 0
+
+    calls = {"n": 0}
+
+    def killing_reward(t):  # SIGTERM during step 2's rollout (8 trajectories per step)
+        calls["n"] += 1
+        if calls["n"] == 8 * 2 + 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return _reward(t)
+
+    first = _make(AsyncTrainer, tmp_path / "resumed", *extra, reward_fn=killing_reward)
+    assert first.run() == "interrupted"
+    first.close()
+    second = _make(AsyncTrainer, tmp_path / "resumed", *extra)
+    assert second.run() == "done" and second.rl_step == 4
+    for x, y in zip(expected, _params(second)):
+        np.testing.assert_array_equal(x, y)
+    second.close()
 
 
 def test_stale_batches_are_bounded_and_versions_recorded(tmp_path):
@@ -111,32 +128,7 @@ def test_stale_batches_are_bounded_and_versions_recorded(tmp_path):
         assert hist == r["dynamic/gen_batches"]
     lanes = {json.loads(line)["lane"] for line in (out / "timeline.jsonl").read_text().splitlines()}
     assert lanes == {"rollout", "train", "sync"}
-
-
-def test_async_resume_continues_the_on_policy_run(tmp_path):
-    """SIGTERM during an async run saves; resuming reaches the uninterrupted run's weights
-    (max_staleness 0: deterministic). Queued batches are dropped; their documents come again."""
-    extra = ("rollout.mode=async", "rl.max_staleness=0", "trainer.total_steps=4")
-    full = _make(AsyncTrainer, tmp_path / "full", *extra)
-    assert full.run() == "done"
-    expected = _params(full)
-    full.close()
-    calls = {"n": 0}
-
-    def killing_reward(t):  # SIGTERM during step 2's rollout (8 trajectories per step)
-        calls["n"] += 1
-        if calls["n"] == 8 * 2 + 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return _reward(t)
-
-    first = _make(AsyncTrainer, tmp_path / "resumed", *extra, reward_fn=killing_reward)
-    assert first.run() == "interrupted"
-    first.close()
-    second = _make(AsyncTrainer, tmp_path / "resumed", *extra)
-    assert second.run() == "done" and second.rl_step == 4
-    for x, y in zip(expected, _params(second)):
-        np.testing.assert_array_equal(x, y)
-    second.close()
+    assert (out / "timeline.png").stat().st_size > 1000  # the lanes, drawn
 
 
 def test_rollout_thread_errors_reach_the_trainer(tmp_path):
@@ -147,6 +139,28 @@ def test_rollout_thread_errors_reach_the_trainer(tmp_path):
     with pytest.raises(RuntimeError, match="rollout thread failed.*reward function bug"):
         a.run()
     a.close()
+
+
+def test_weight_broker_hands_the_rollout_its_own_copy():
+    """A publish on a shared mesh: the rollout's weights equal the source and are not its buffers
+    (the train state is donated to the next update); versions advance."""
+    from flax import nnx
+
+    from memagent_jax.models import MeshConfig, make_mesh, shard_state
+    from memagent_jax.rl.async_trainer import WeightBroker
+
+    mesh = make_mesh(MeshConfig(1, 1, 1))
+    model = shard_state(tiny_model(), mesh)
+    broker = WeightBroker(mesh)
+    assert broker.latest() == (-1, None)
+    broker.publish(model, 3)
+    version, rolled = broker.latest()
+    src = dict(nnx.to_flat_state(nnx.state(model)))
+    for k, v in nnx.to_flat_state(nnx.state(rolled)):
+        a, b = src[k].get_value(), v.get_value()
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert a is not b and a.unsafe_buffer_pointer() != b.unsafe_buffer_pointer()
+    assert version == 3
 
 
 def test_bookkeeping_helpers():
@@ -163,6 +177,7 @@ def test_bookkeeping_helpers():
         split_devices(load_config(None, ["mesh.rollout_devices=8"]), devices)
 
 
+@pytest.mark.slow  # ~45 s: a subprocess with 2 devices (the in-process tests cover the logic)
 def test_split_meshes_on_two_devices(tmp_path):
     """tests/multidevice/async_checks.py with 2 CPU devices: 1 rollout + 1 train device."""
     import subprocess
@@ -180,6 +195,37 @@ def test_split_meshes_on_two_devices(tmp_path):
     assert r["reshard_equal"] and r["reshard_on_rollout_device"]
     assert r["on_policy_max_diff"] == 0.0  # async on split meshes == sync on the train device
     assert r["staleness_max"] <= 1 and r["steps"] == 4
+
+
+@pytest.mark.slow  # ~45 s: two processes with gloo collectives
+def test_two_processes_train_together_while_each_samples_alone(tmp_path):
+    """tests/multidevice/async_multihost_worker.py in 2 processes x 2 CPU devices (gloo): each
+    process's rollout mesh is its own device, the train mesh spans both processes' other device;
+    3 steps at max_staleness 1, then save and restore. Both processes agree on every decision."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).resolve().parent / "multidevice" / "async_multihost_worker.py"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    procs = [subprocess.Popen([sys.executable, str(worker), str(tmp_path), str(i), "2", port], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    a, b = (json.loads(out.strip().splitlines()[-1]) for out, _ in outs)
+    assert a["status"] == b["status"] == "done" and a["meta_step"] == 3
+    assert a["restore_equal"] and b["restore_equal"] and a["moved"] > 1e-5
+    assert a["versions"] == b["versions"] and a["digest"] == b["digest"]  # one decision, one model
+    for step, versions, kept in a["versions"]:  # 2 groups of 4, at most one update old
+        assert kept == 8 and all(step - 1 <= v <= step for v in versions)
+    assert a["train_devices"] == b["train_devices"] and len(a["train_devices"]) == 2
+    assert len(a["rollout_devices"]) == 1 and a["rollout_devices"] != b["rollout_devices"]
+    assert not set(a["rollout_devices"]) & set(a["train_devices"])
 
 
 @pytest.mark.parametrize("override,match", [

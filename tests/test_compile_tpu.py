@@ -66,6 +66,26 @@ def test_every_program_of_a_tiny_qwen3_compiles_for_v5p() -> None:
         assert abs(total / compiled - 1) <= WITHIN, (phase, total, compiled)
 
 
+@pytest.mark.slow  # ~110 s on 2 cores: a second set of compiles of the tiny policy
+def test_async_split_compiles_rollout_and_train_on_their_own_devices() -> None:
+    """rollout.mode=async with mesh.rollout_devices=4 on v5p:2x2x2: the rollout programs compile
+    on 4 chips (fsdp 2 x tensor 2), the train programs on the other 4, and the rollout programs
+    count the incoming weight version as resident (the switch holds two copies)."""
+    out = _compile_cli("memagent", "--topology", "v5p:2x2x2", "--json", *TINY, "model.architecture=qwen2",
+                       "rollout.mode=async", "mesh.rollout_devices=4", "mesh.rollout_data=1",
+                       "mesh.rollout_fsdp=2", "mesh.rollout_tensor=2")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    assert report["ok"] and report["rollout_devices"] == 4
+    assert report["rollout_mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+    assert report["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+    decode = next(p for p in report["programs"] if p["name"] == "engine decode")
+    assert "incoming weight version" in decode["resident_what"] and decode["resident"] > 0
+    # the resident copy is the decode weights: the same bytes as the program's weight arguments
+    grad = next(p for p in report["programs"] if p["name"] == "micro-batch gradient")
+    assert "AdamW" in grad["resident_what"]
+
+
 @pytest.mark.slow  # ~45 s on 2 cores (the tiny Qwen3 compile test covers the compiler in the default run)
 def test_plan_with_a_topology_uses_the_compiler_for_a_tiny_qwen2() -> None:
     out = subprocess.run([sys.executable, "-m", "memagent_jax", "plan", "memagent", "--topology",

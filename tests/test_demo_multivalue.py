@@ -165,3 +165,21 @@ def test_demo_task_flag_picks_the_task_and_its_config(tmp_path):
         from memagent_jax.demo import load_demo_config
 
         load_demo_config("micro", ["demo.task=nope"])
+
+
+def test_rl_documents_mix_the_training_length_with_longer_ones(tmp_path):
+    """demo.rl_max_chunks with demo.rl_short_share: that share of RL documents at train_chunks,
+    the rest spread over train_chunks..rl_max_chunks."""
+    import json
+
+    from memagent_jax.demo import run_demo
+
+    out = tmp_path / "demo"
+    run_demo(out_dir=out, fresh=True, config="micro_multivalue", until="data",
+             overrides=["demo.rl_max_chunks=6", "demo.rl_short_share=0.5", "demo.rl_docs=200"])
+    chunks = [json.loads(ln)["num_chunks"] for ln in (out / "data" / "rl.jsonl").read_text().splitlines()]
+    train = min(chunks)  # demo.train_chunks
+    at_train = sum(c == train for c in chunks) / len(chunks)
+    # 50% placed at 1x plus the uniform half's own 1/(6 - train + 1) share of it
+    assert 0.5 < at_train < 0.5 + 0.5 / (6 - train + 1) + 0.1, at_train
+    assert max(chunks) == 6 and len(set(chunks)) == 6 - train + 1

@@ -33,3 +33,11 @@ def docs(n: int, length: int = 40, seed: int = 0) -> list[dict]:
         text = "".join(rng.choice("abcdefgh ") for _ in range(length))
         out.append({"question": f"q{i}?", "context": text, "answers": [f"a{i}"]})
     return out
+
+
+def letters_reward(trajectory) -> tuple[float, float]:
+    """(reward, accuracy) of a tiny policy's answer: its share of the letters x, y, z, w (a goal a
+    random tiny model reaches sometimes, so groups are mixed and RL has something to learn)."""
+    target = set(AsciiTokenizer().encode("xyzw"))
+    r = sum(i in target for i in AsciiTokenizer().encode(trajectory.answer_text)) / 4.0
+    return r, float(r > 0.5)

@@ -340,10 +340,10 @@ def _rollout_continuous(docs: list[_Doc], trajs: list[Trajectory], memory: list[
 def _first_rows(counts: list[int], mesh: Any) -> list[int]:
     """Per call, the global row of this process's first row: the rows of the processes before it
     when the engine spans several processes (`mesh`), else 0."""
-    if mesh is None:
-        return [0] * len(counts)
-    from memagent_jax.distributed import process_offsets  # lazy, as the engine
+    from memagent_jax.distributed import mesh_processes, process_offsets  # lazy, as the engine
 
+    if mesh_processes(mesh)[0] == 1:
+        return [0] * len(counts)
     return [int(x) for x in process_offsets(counts)]
 
 

@@ -108,6 +108,9 @@ def stage_data(run: Run) -> dict[str, Any]:
     if d.rl_max_chunks > d.train_chunks:  # RL documents of several lengths (their own stream)
         rl_lengths = np.random.default_rng([d.seed, 12]).integers(d.train_chunks, d.rl_max_chunks + 1,
                                                                   size=d.rl_docs)
+        if d.rl_short_share > 0:  # this share at the training length (1x), the rest spread out
+            short = np.random.default_rng([d.seed, 13]).random(d.rl_docs) < d.rl_short_share
+            rl_lengths[short] = d.train_chunks
         train_jobs += [("rl", n, int((rl_lengths == n).sum()), d.seed + 1)
                        for n in range(d.train_chunks, d.rl_max_chunks + 1)]
     else:

@@ -201,7 +201,9 @@ def _task_text(run: Any, params: int, vocab: int) -> str:
                 f"needle does not. It is rewritten after each {a.chunk_size}-token chunk (overwrite) "
                 "or added to (append); warm-start documents have "
                 f"{d.train_chunks}-{d.sft_max_chunks} chunks, RL documents "
-                f"{d.train_chunks}-{max(d.train_chunks, d.rl_max_chunks)} (1x = {d.train_chunks}). {model}")
+                f"{d.train_chunks}-{max(d.train_chunks, d.rl_max_chunks)}"
+                + (f" ({d.rl_short_share:.0%} of them at {d.train_chunks})" if d.rl_short_share else "")
+                + f" (1x = {d.train_chunks}). {model}")
     return ("Essay haystack with one target needle `The secret code is <key><digit>.` (e.g. `school7`) and "
             f"{d.min_distractors}-{d.max_distractors} distractor needles with other keys; question `What is "
             f"the secret code for <key>?`; {d.num_keys} keys, values 0-9 (chance 10%). Every (key, value) pair "
@@ -301,6 +303,9 @@ def write_report(run: Any) -> dict[str, Any]:
         "the time per chunk (linear cost in document length).", "",
         "![seconds per chunk](seconds_per_chunk.png)", "",
         "## Training", "", "![training curves](training_curves.png)", "",
+        *(["RL ran with rollout.mode: async: the rollout and update lanes of its last steps "
+           "(rl/timeline.jsonl):", "", "![async RL lanes](rl/timeline.png)", ""]
+          if run.path("rl", "timeline.png").is_file() else []),
         "## Wall time per stage (seconds)", "",
         "| " + " | ".join(seconds) + " | total |", "|---" * (len(seconds) + 1) + "|",
         "| " + " | ".join(f"{v:.1f}" for v in seconds.values()) + f" | {sum(seconds.values()):.1f} |", "",

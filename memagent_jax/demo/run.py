@@ -56,6 +56,7 @@ class DemoSection:
     # RL documents have train_chunks..rl_max_chunks chunks (0: train_chunks only); the RL stage's
     # agent.max_chunks is the larger of the two
     rl_max_chunks: int = 0
+    rl_short_share: float = 0.0  # with rl_max_chunks: this share of RL documents at train_chunks
     rl_min_distractors: int = 0  # RL documents: some with the target alone, so some chunks hold no needle
     eval_docs: int = 200  # unseen documents per length
     eval_multiples: list = dataclasses.field(default_factory=lambda: [1, 4, 16, 32, 64])

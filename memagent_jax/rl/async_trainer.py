@@ -46,8 +46,10 @@ from flax import nnx
 
 from memagent_jax import sampler
 from memagent_jax.config import Config
+from memagent_jax.distributed import allgather_objects, to_host
 from memagent_jax.models.sharding import MeshConfig, make_mesh, mesh_context
-from memagent_jax.rl.trainer import Collected, ScoredBatch, Trainer, assemble
+from memagent_jax.rl.collect import Collected, ScoredBatch, assemble, merge_results
+from memagent_jax.rl.trainer import Trainer
 from memagent_jax.seeds import derive
 
 #: the free-running rollout thread's seed stream: derive(trainer.seed, ASYNC_STREAM, batch index)
@@ -57,9 +59,13 @@ ASYNC_STREAM = 1_000_003
 # ------------------------------------------------------------------------------------- meshes
 def split_devices(cfg: Config, devices: list[Any] | None = None) -> tuple[list[Any], list[Any]]:
     """(rollout devices, train devices) for `mesh.rollout_devices`: N devices, a fraction of them,
-    or 0 = both lanes on all devices. The rollout takes the first devices."""
-    devices = list(devices if devices is not None else jax.devices())
+    or 0 = both lanes on all devices. The rollout takes the first devices. Multi-host (several
+    processes, `devices` not given): every process gives its first N / processes local devices to
+    its own rollout mesh; the returned rollout devices are this process's, the train devices are
+    every process's others (one train mesh over all processes)."""
     n = cfg.mesh.rollout_devices
+    given = devices is not None
+    devices = list(devices if given else jax.devices())
     if n == 0:
         return devices, devices
     count = int(n) if n >= 1 else int(round(n * len(devices)))
@@ -67,14 +73,29 @@ def split_devices(cfg: Config, devices: list[Any] | None = None) -> tuple[list[A
         raise ValueError(f"mesh.rollout_devices={n} gives {count} of {len(devices)} devices to the "
                          "rollout: both meshes need at least one device; set it between 1 and "
                          f"{len(devices) - 1} (or 0 to share the devices)")
-    return devices[:count], devices[count:]
+    procs = jax.process_count()
+    if given or procs == 1:
+        return devices[:count], devices[count:]
+    if count % procs:
+        raise ValueError(f"mesh.rollout_devices={n} gives {count} devices to the rollout, not a "
+                         f"multiple of the {procs} processes (each runs its own rollout mesh)")
+    by_process: dict[int, list[Any]] = {}
+    for d in sorted(devices, key=lambda d: (d.process_index, d.id)):
+        by_process.setdefault(d.process_index, []).append(d)
+    rollout = {p: ds[: count // procs] for p, ds in by_process.items()}
+    taken = {d.id for ds in rollout.values() for d in ds}
+    return rollout[jax.process_index()], [d for d in devices if d.id not in taken]
 
 
 def build_async_meshes(cfg: Config, devices: list[Any] | None = None
                        ) -> tuple[jax.sharding.Mesh, jax.sharding.Mesh]:
     """(train mesh, rollout mesh): the train mesh has mesh.data/fsdp/tensor over its devices, the
-    rollout mesh mesh.rollout_data/fsdp/tensor over its own (the same mesh when shared)."""
+    rollout mesh mesh.rollout_data/fsdp/tensor over its own (the same mesh when shared; with
+    several processes, this process's own rollout mesh)."""
     m = cfg.mesh
+    if m.rollout_devices == 0 and devices is None and jax.process_count() > 1:
+        raise ValueError("rollout.mode=async with several processes needs mesh.rollout_devices > 0: "
+                         "each process samples on its own rollout devices while all train together")
     rollout_devs, train_devs = split_devices(cfg, devices)
     train = make_mesh(MeshConfig(m.data, m.fsdp, m.tensor), train_devs)
     if m.rollout_devices == 0:
@@ -89,7 +110,9 @@ class WeightBroker:
     `publish` lays the model's weights out by the decode rules on the rollout mesh
     (`sampler.decode_state`: each weight is one `device_put` from its train-mesh sharding to its
     rollout-mesh sharding, device to device, cast once to the compute dtype); no weight is gathered
-    onto one device and nothing goes through the host. While the rollout still samples from the
+    onto one device and nothing goes through the host (multi-host: the train mesh spans the
+    processes and each process's rollout mesh is its own, so each weight is gathered to every
+    process first). While the rollout still samples from the
     previous version, the rollout mesh holds both copies."""
 
     def __init__(self, mesh: jax.sharding.Mesh | None) -> None:
@@ -101,6 +124,10 @@ class WeightBroker:
     def publish(self, model: Any, version: int) -> float:
         """Reshards `model` onto the rollout mesh as `version`; returns the seconds it took."""
         t0 = time.perf_counter()
+        graphdef, full = nnx.split(model)
+        if any(not x.is_fully_addressable for x in jax.tree.leaves(full)):  # a train mesh over
+            # several processes: each process gathers the weights for its own rollout mesh
+            model = nnx.merge(graphdef, jax.tree.map(to_host, full))
         source = {id(x) for x in jax.tree.leaves(nnx.state(model))}
         graphdef, state = sampler.decode_state(model, self.mesh)
         # a weight already in its rollout layout is the train state's own buffer, which the next
@@ -227,9 +254,6 @@ class AsyncTrainer(Trainer):
                  mesh: jax.sharding.Mesh | None = None,
                  rollout_mesh: jax.sharding.Mesh | None = None, **kwargs: Any) -> None:
         super().__init__(cfg, model, tokenizer, data, mesh=mesh, **kwargs)
-        if jax.process_count() > 1:
-            raise ValueError("rollout.mode=async runs in one process for now (each mesh on this "
-                             "process's devices); use rollout.mode=sync for multi-host runs")
         self.rollout_mesh = rollout_mesh if rollout_mesh is not None else mesh
         self.broker = WeightBroker(self.rollout_mesh)
         self.max_staleness = cfg.rl.max_staleness
@@ -242,6 +266,8 @@ class AsyncTrainer(Trainer):
         self.timeline = _Timeline(self.out_dir / "timeline.jsonl" if jax.process_index() == 0 else None)
         self.consumed_data_state: Any = None
         self.batches_made = 0
+        self.queued_groups = 0  # kept groups in the queue (the rollout thread's gate)
+        self.queued_lock = threading.Lock()
         self.inflight_since: float | None = None  # start of the batch the rollout thread is making
         self._async_metrics: dict[str, Any] = {}
 
@@ -257,13 +283,27 @@ class AsyncTrainer(Trainer):
         self.thread = threading.Thread(target=self._worker, name="rollout", daemon=True)
         self.thread.start()
 
+    def step_served_next(self) -> int:
+        """The RL step a batch started now would feed: the trainer has collected
+        `collected_steps` steps, and the kept groups already queued fill the next ones first."""
+        with self.queued_lock:
+            queued = self.queued_groups
+        # multi-host: this process's batches hold its share of the groups
+        per_process = max(1, self.cfg.rl.train_batch_size // jax.process_count())
+        return self.collected_steps + queued // per_process
+
     def _put(self, item: QueuedBatch | BaseException) -> None:
+        groups = item.batch.kept_groups if isinstance(item, QueuedBatch) else 0
+        with self.queued_lock:  # counted before the trainer can take it
+            self.queued_groups += groups
         while not self.stop_event.is_set():
             try:
                 self.queue.put(item, timeout=0.05)
                 return
             except queue.Full:
                 continue
+        with self.queued_lock:  # stopping: never queued
+            self.queued_groups -= groups
 
     def _worker(self) -> None:
         try:
@@ -274,19 +314,19 @@ class AsyncTrainer(Trainer):
                             step, gen = self.demand.get(timeout=0.05)
                         except queue.Empty:
                             continue
-                        seed = derive(self.cfg.trainer.seed, step, gen)
+                        seed = self._seed(step, gen)
                         ready = self.broker.wait_until(lambda v, s=step: v >= s, self.stop_event)
                     else:
-                        seed = derive(self.cfg.trainer.seed, ASYNC_STREAM, self.batches_made)
+                        seed = self._seed(ASYNC_STREAM, self.batches_made)
                         ready = self.broker.wait_until(
-                            lambda v: v + self.max_staleness >= self.collected_steps, self.stop_event)
+                            lambda v: v + self.max_staleness >= self.step_served_next(), self.stop_event)
                     if ready is None:
                         return
                     generate = VersionedGenerate(self, self.broker, partial=self.cfg.rollout.engine == "static")
                     start = self.inflight_since = self._now()
                     docs = next(self.data)
                     data_state = self.data_state[0]() if self.data_state else None
-                    batch = self.generation_batch(generate, docs, seed)
+                    batch = self.generation_batch(generate, docs, seed, local=True)
                     lo, hi = batch_versions(batch)
                     item = QueuedBatch(batch, self.batches_made, lo, hi, data_state, start, self._now())
                     self.batches_made += 1
@@ -296,6 +336,23 @@ class AsyncTrainer(Trainer):
                     self._put(item)
         except BaseException as e:  # noqa: BLE001 - handed to the trainer, which re-raises it
             self._put(e)
+
+    def _seed(self, *path: int) -> Any:
+        """A batch's seed; multi-host, each process samples its own documents on its own rollout
+        mesh, so the process index is part of the stream (no two processes share noise)."""
+        if jax.process_count() > 1:
+            path = (*path, jax.process_index())
+        return derive(self.cfg.trainer.seed, *path)
+
+    def _gather(self, item: QueuedBatch) -> QueuedBatch:
+        """Multi-host: every process's next batch, merged (the same on every process, so every
+        process drops and keeps alike); one process: the item itself."""
+        if jax.process_count() == 1:
+            return item
+        parts = allgather_objects((item.batch, item.min_version, item.max_version))
+        batch = self.score(merge_results([b.result for b, _, _ in parts]))
+        return dataclasses.replace(item, batch=batch, min_version=min(p[1] for p in parts),
+                                   max_version=max(p[2] for p in parts))
 
     def _next_item(self) -> QueuedBatch:
         while True:
@@ -307,6 +364,8 @@ class AsyncTrainer(Trainer):
                 continue
             if isinstance(item, BaseException):
                 raise RuntimeError(f"the rollout thread failed: {item!r}") from item
+            with self.queued_lock:
+                self.queued_groups -= item.batch.kept_groups
             return item
 
     # --------------------------------------------------------------------------- collect
@@ -322,7 +381,7 @@ class AsyncTrainer(Trainer):
             if self.max_staleness == 0:
                 self.demand.put((self.rl_step, len(batches)))
             depth.append(self.queue.qsize())
-            item = self._next_item()
+            item = self._gather(self._next_item())
             self.consumed_data_state = item.data_state
             lag = self.rl_step - item.min_version
             if lag > self.max_staleness:
@@ -398,14 +457,20 @@ class AsyncTrainer(Trainer):
         self.stop_event.clear()
         while not self.queue.empty():
             self.queue.get_nowait()
+        self.queued_groups = 0
         while not self.demand.empty():
             self.demand.get_nowait()
 
     def run(self, progress: bool | None = None) -> str:
+        """As sync mode's; then `timeline.png` (the lanes of the last steps) in the run folder."""
         try:
             return super().run(progress)
         finally:
             self.stop()
+            if self.timeline.path is not None and self.timeline.events:
+                from memagent_jax.plots import plot_timeline
+
+                plot_timeline(self.timeline.events, self.out_dir / "timeline.png")
 
     def close(self) -> None:
         self.stop()

@@ -19,7 +19,6 @@ the data loader's position is saved, so a resumed run continues exactly as an un
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -36,20 +35,20 @@ from memagent_jax.agent.window import engine_max_len
 from memagent_jax.checkpoint import RunCheckpointer, StopSignal
 from memagent_jax.config import Config, save_config, turn_rows
 from memagent_jax.distributed import (
-    allgather_objects, global_array, global_max, process_offsets, to_host,
+    allgather_objects, global_array, global_max, mesh_processes, process_offsets, to_host,
 )
 from memagent_jax.metrics import MetricsWriter
 from memagent_jax.models.lora import merged, zero_adapters
 from memagent_jax.models.sharding import batch_multiple, batch_sharding, mesh_context
 from memagent_jax.rl import rewards as R
-from memagent_jax.rl.advantages import filter_groups, group_advantages, overlong_penalty, select_groups
+from memagent_jax.rl.advantages import filter_groups, group_advantages, overlong_penalty
 from memagent_jax.rl.batching import (
     global_denominator,
     group_mini_batches,
-    merge_kept,
     micro_batch_arrays,
     pack_micro_batches,
 )
+from memagent_jax.rl.collect import Collected, ScoredBatch, assemble, merge_results
 from memagent_jax.rl.loss import reduce_aux_sums
 from memagent_jax.rl.train_step import (
     LAG_BUCKETS,
@@ -91,47 +90,6 @@ FILTER_METRICS = ("accuracy", "reward")
 
 class DynamicSamplingError(RuntimeError):
     """Raised when max_num_gen_batches generation batches did not yield enough mixed groups."""
-
-
-@dataclasses.dataclass
-class Collected:
-    batch: RolloutResult
-    rewards: np.ndarray
-    accuracy: np.ndarray
-    gen_batches: int
-    groups_seen: int
-    rollout_stats: dict[str, Any]
-
-
-@dataclasses.dataclass
-class ScoredBatch:
-    """One generation batch, scored: rewards, accuracies and dynamic sampling's keep mask."""
-
-    result: RolloutResult
-    rewards: np.ndarray
-    accuracy: np.ndarray
-    keep: np.ndarray
-
-    @property
-    def kept_groups(self) -> int:
-        groups = np.array([t.group_id for t in self.result.trajectories])
-        return len(set(groups[self.keep].tolist()))
-
-
-def assemble(batches: list[ScoredBatch], train_batch_size: int) -> Collected:
-    """The first `train_batch_size` kept groups of the generation batches, as one Collected."""
-    keeps = [b.keep for b in batches]
-    keep_all = np.concatenate(keeps)
-    offsets = np.cumsum([0] + [len(b.result.trajectories) for b in batches])
-    gids = np.concatenate([np.array([t.group_id for t in b.result.trajectories]) + 10**7 * i
-                           for i, b in enumerate(batches)])
-    keep_all = select_groups(keep_all, gids, train_batch_size)
-    keeps = [keep_all[offsets[i]:offsets[i + 1]] for i in range(len(batches))]
-    merged = merge_kept([b.result for b in batches], keeps)
-    reward = np.concatenate([b.rewards for b in batches])[keep_all]
-    acc = np.concatenate([b.accuracy for b in batches])
-    return Collected(merged, reward, acc, len(batches), len(set(gids.tolist())),
-                     _merge_stats([b.result.stats for b in batches]))
 
 
 class Trainer:
@@ -232,8 +190,11 @@ class Trainer:
             cap = r.max_rows_per_call
             if cap <= 0:
                 return generate_rows(prompts, max_new_tokens, seed, **kw)
-            (calls,) = global_max(-(-len(prompts) // cap))  # processes agree on the call count
-            start = 0 if mesh is None else int(process_offsets([len(prompts)])[0])
+            if mesh_processes(mesh)[0] == 1:  # one process (or async RL's local rollout mesh)
+                calls, start = -(-len(prompts) // cap), 0
+            else:  # processes agree on the call count
+                (calls,) = global_max(-(-len(prompts) // cap))
+                start = int(process_offsets([len(prompts)])[0])
             outs = [generate_rows(prompts[i * cap:(i + 1) * cap], max_new_tokens, seed,
                                   first_row=start + i * cap, **kw) for i in range(calls)]
             return SampleOutput(tokens=[t for o in outs for t in o.tokens],
@@ -254,7 +215,7 @@ class Trainer:
     def _engine_slots(self, mesh: jax.sharding.Mesh | None = None) -> int:
         """The engine's slots on this process: rollout.max_rows_per_call (all processes together,
         as plan and compile count them) split over the processes."""
-        procs = jax.process_count() if (mesh or self.mesh) is not None else 1
+        procs = mesh_processes(mesh if mesh is not None else self.mesh)[0]
         return -(-turn_rows(self.cfg) // procs)
 
     def _engine_max_len(self, model: Any) -> int:
@@ -272,19 +233,26 @@ class Trainer:
             return None
         return lambda n: global_max(n)[0]
 
-    def generation_batch(self, generate: Callable[..., Any], docs: list[dict], seed: Seed) -> ScoredBatch:
+    def generation_batch(self, generate: Callable[..., Any], docs: list[dict], seed: Seed, *,
+                         local: bool = False) -> ScoredBatch:
         """One generation batch: the rollout of `docs` x group_size, scored, with the groups that
-        dynamic sampling keeps (mixed groups under rl.filter_metric)."""
-        rl, a = self.cfg.rl, self.cfg.agent
+        dynamic sampling keeps (mixed groups under rl.filter_metric). Multi-host, every process
+        then holds the whole batch; `local`: this process's documents only, no collective (async
+        RL's rollout thread; its trainer gathers the processes' batches)."""
+        a = self.cfg.agent
         res = rollout(docs, policy=self.policy, builder=self.builder, tokenizer=self.tokenizer,
                       generate_fn=generate, group_size=self.cfg.rollout.group_size, training=True,
                       gen_kwargs=dict(max_memory_new_tokens=a.max_memory_tokens,
                                       max_final_new_tokens=a.max_final_new_tokens, seed=seed),
-                      question_budget=a.question_budget, sync_steps=self._sync_steps())
-        if jax.process_count() > 1:  # every process holds the whole generation batch
-            parts = allgather_objects(res)
-            res = merge_kept(parts, [np.ones(len(p.trajectories), bool) for p in parts])
-            res.stats = _merge_stats([p.stats for p in parts])
+                      question_budget=a.question_budget,
+                      sync_steps=None if local else self._sync_steps())
+        if jax.process_count() > 1 and not local:  # every process holds the whole generation batch
+            res = merge_results(allgather_objects(res))
+        return self.score(res)
+
+    def score(self, res: RolloutResult) -> ScoredBatch:
+        """Rewards, accuracies and dynamic sampling's keep mask of a rollout."""
+        rl = self.cfg.rl
         scored = [self.reward_fn(t) for t in res.trajectories]
         for t, (r_i, a_i) in zip(res.trajectories, scored):
             t.reward, t.accuracy = float(r_i), float(a_i)
@@ -497,17 +465,6 @@ class Trainer:
     def close(self) -> None:
         self.checkpointer.close()
         self.metrics.close()
-
-
-def _merge_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key in ("memory_capped", "finish_length_memory", "finish_length_final", "num_conversations"):
-        out[key] = int(sum(s.get(key, 0) for s in stats))
-    for key in ("mean_response_length", "mean_memory_response_length"):
-        out[key] = float(np.mean([s.get(key, 0.0) for s in stats]))
-    out["truncation_rate"] = (out["finish_length_memory"] + out["finish_length_final"]) / max(
-        1, out["num_conversations"])
-    return out
 
 
 def _progress(enabled: bool, total: int, start: int) -> Any:

@@ -18,7 +18,7 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
-from tiny_policy import AsciiTokenizer, docs, tiny_model  # noqa: E402
+from tiny_policy import AsciiTokenizer, docs, letters_reward, tiny_model  # noqa: E402
 
 from memagent_jax.config import load_config  # noqa: E402
 from memagent_jax.data.loader import loader_state, make_loader, restore_loader  # noqa: E402
@@ -27,12 +27,7 @@ from memagent_jax.rl.async_trainer import AsyncTrainer, WeightBroker, build_asyn
 from memagent_jax.rl.trainer import Trainer  # noqa: E402
 
 TOK = AsciiTokenizer()
-TARGET = set(TOK.encode("xyzw"))
-
-
-def reward(t):
-    r = sum(i in TARGET for i in TOK.encode(t.answer_text)) / 4.0
-    return r, float(r > 0.5)
+reward = letters_reward
 
 
 def cfg_for(out, *extra):
