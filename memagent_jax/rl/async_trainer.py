@@ -128,11 +128,12 @@ class WeightBroker:
         if any(not x.is_fully_addressable for x in jax.tree.leaves(full)):  # a train mesh over
             # several processes: each process gathers the weights for its own rollout mesh
             model = nnx.merge(graphdef, jax.tree.map(to_host, full))
-        source = {id(x) for x in jax.tree.leaves(nnx.state(model))}
+        source = set().union(*(_buffers(x) for x in jax.tree.leaves(nnx.state(model))))
         graphdef, state = sampler.decode_state(model, self.mesh)
-        # a weight already in its rollout layout is the train state's own buffer, which the next
-        # update donates: the rollout gets its own copy of those
-        state = jax.tree.map(lambda x: jnp.copy(x) if id(x) in source else x, state)
+        # a weight already in its rollout layout shares the train state's buffer (device_put to
+        # the same sharding copies nothing), which the next update donates: the rollout gets its
+        # own copy of those
+        state = jax.tree.map(lambda x: jnp.copy(x) if _buffers(x) & source else x, state)
         jax.block_until_ready(state)
         rollout_model = nnx.merge(graphdef, state)
         with self._cond:
@@ -158,6 +159,11 @@ class WeightBroker:
         """Wakes waiters to re-check their condition (the trainer's progress changed)."""
         with self._cond:
             self._cond.notify_all()
+
+
+def _buffers(x: Any) -> set[int]:
+    """The device buffers (addresses) holding this process's shards of an array."""
+    return {shard.data.unsafe_buffer_pointer() for shard in x.addressable_shards}
 
 
 class VersionedGenerate:
