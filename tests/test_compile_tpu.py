@@ -54,10 +54,6 @@ def test_every_program_of_a_tiny_qwen3_compiles_for_v5p() -> None:
     # the gradients come out sharded like the weights (fsdp x tensor), not fsdp-replicated
     acc = next(p for p in report["programs"] if p["name"] == "accumulate")  # arguments: 2 x weights
     assert grad["outputs"] <= 0.55 * acc["arguments"]
-    # decode updates the KV cache in place (aliased) and copies none of it: a lax.switch over
-    # the cache once made the compiler copy it every step (2x the cache in temporaries)
-    decode = next(p for p in report["programs"] if p["name"] == "engine decode")
-    assert decode["aliased"] > 0 and decode["temporaries"] < 0.5 * decode["aliased"], decode
     assert report["phase_peak_bytes"]["train"] == max(
         p["peak"] for p in report["programs"] if p["name"] not in ("engine prefill", "engine decode"))
 

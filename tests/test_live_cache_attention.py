@@ -43,3 +43,27 @@ def test_live_read_equals_the_whole_cache_and_ignores_slots_behind_the_live_rows
     np.testing.assert_allclose(fn(q, noisy_k, noisy_v, jnp.int32(1), query_slot),
                                fn(q, kc, vc, jnp.int32(1), query_slot), rtol=1e-6)
     assert not np.isnan(np.asarray(fn(q, noisy_k, noisy_v, jnp.int32(1), query_slot))).any()
+
+
+def test_programs_for_tpu_and_gpu_read_the_whole_layer_without_a_switch(monkeypatch) -> None:
+    """The live read's lax.switch made the TPU compiler copy the whole KV cache every decode step
+    (qwen2_5_7b_memagent_v5p32: 119 GiB, did not fit); for TPU/GPU the read is one fused slice
+    (no cond in the program) with the same values, on CPU the switch stays."""
+    import memagent_jax.models.attention as attention
+
+    L, B, S, K, H, hd = 2, 2, 64, 2, 4, 8
+    rng = np.random.default_rng(1)
+    kc = jnp.asarray(rng.normal(size=(L, B, S, K, hd)), jnp.float32)
+    vc = jnp.asarray(rng.normal(size=(L, B, S, K, hd)), jnp.float32)
+    q = jnp.asarray(rng.normal(size=(B, 1, H, hd)), jnp.float32)
+    query_slot = jnp.asarray([[5], [20]], jnp.int32)
+    args = (q, kc, vc, jnp.int32(1), query_slot)
+    def program():  # a fresh function each time: traces are cached per function
+        return str(jax.make_jaxpr(lambda *a: live_cache_attention(*a))(*args))
+
+    assert "cond" in program()  # CPU: the live read
+    expected = live_cache_attention(*args)
+    for platform in ("tpu", "gpu"):
+        monkeypatch.setattr(attention, "target_platform", lambda p=platform: p)
+        assert "cond" not in program()
+        np.testing.assert_allclose(np.asarray(live_cache_attention(*args)), np.asarray(expected), atol=1e-5)

@@ -68,6 +68,7 @@ def runs(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow  # ~100 s; its 8-device reference once hit XLA:CPU's 40 s collective rendezvous timeout on 2 cores (2026-12-04 CI check)
 def test_two_processes_equal_one_process(runs):
     """The static sampler at temperature 1: 2 processes sample what 1 process samples and end
     with the same weights. (Greedy, a group's members are identical and a group-whole

@@ -277,7 +277,7 @@ def live_cache_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, l
     shapes and a decode step reads the cache up to the longest live row (rounded to S/8), not
     the padding of the prompt bucket and the new-token budget behind it. That is on CPU; in a
     program for TPU or GPU the read is the whole layer, fused (the switch made the compiler copy
-    the cache: tests/test_compile_tpu.py checks the decode's temporaries).
+    the cache every step: tests/test_live_cache_attention.py checks there is no switch).
     """
     lengths = live_read_lengths(k_cache.shape[2])
     if target_platform() != "cpu":
