@@ -162,8 +162,9 @@ class WeightBroker:
 
 
 def _buffers(x: Any) -> set[int]:
-    """The device buffers (addresses) holding this process's shards of an array."""
-    return {shard.data.unsafe_buffer_pointer() for shard in x.addressable_shards}
+    """The device buffers (addresses) holding this process's shards of an array (none for a
+    host array: multi-host, the weights were gathered to numpy first)."""
+    return {shard.data.unsafe_buffer_pointer() for shard in getattr(x, "addressable_shards", ())}
 
 
 class VersionedGenerate:
