@@ -357,7 +357,11 @@ class AsyncTrainer(Trainer):
         if jax.process_count() == 1:
             return item
         parts = allgather_objects((item.batch, item.min_version, item.max_version))
-        batch = self.score(merge_results([b.result for b, _, _ in parts]))
+        batches = [b for b, _, _ in parts]  # scored where they were made: concatenated, in order
+        batch = ScoredBatch(merge_results([b.result for b in batches]),
+                            np.concatenate([b.rewards for b in batches]),
+                            np.concatenate([b.accuracy for b in batches]),
+                            np.concatenate([b.keep for b in batches]))
         return dataclasses.replace(item, batch=batch, min_version=min(p[1] for p in parts),
                                    max_version=max(p[2] for p in parts))
 

@@ -358,7 +358,7 @@ class Trainer:
                                                    jnp.float32(max(den, 1e-8)), self.settings,
                                                    self.frozen, dropout_rng)
                     for k in [k for k in aux if k.startswith("lag_")]:  # per-lag sums: not means
-                        lag_sums[k] = lag_sums.get(k, 0.0) + float(aux.pop(k))
+                        lag_sums[k] = lag_sums.get(k, 0.0) + aux.pop(k)  # on device: no sync
                     acc_grads = grads if acc_grads is None else accumulate(acc_grads, grads)
                     mini_sums = aux if mini_sums is None else jax.tree.map(jnp.add, mini_sums, aux)
                 self.state, norm, skip = self.apply_update(self.state, acc_grads)
@@ -380,9 +380,10 @@ class Trainer:
                     "batch/conversations": len(lengths), "batch/trajectories": len(trajs),
                     "batch/tokens": int(lengths.sum()), **timings})
         for j in range(LAG_BUCKETS):  # async: mean |sampler - trainer| log-prob per version lag
-            if lag_sums.get(f"lag_tokens_{j}", 0.0) > 0:
+            tokens = float(lag_sums.get(f"lag_tokens_{j}", 0.0))
+            if tokens > 0:
                 name = f"async/rollout_logprob_abs_diff_lag{j}" + ("+" if j == LAG_BUCKETS - 1 else "")
-                out[name] = lag_sums[f"lag_gap_{j}"] / lag_sums[f"lag_tokens_{j}"]
+                out[name] = float(lag_sums[f"lag_gap_{j}"]) / tokens
         return out
 
     def extra_token_arrays(self, merged: RolloutResult, batch: Any) -> dict[str, np.ndarray]:
