@@ -42,6 +42,7 @@ from memagent_jax.distributed import allgather_ints, from_process_local, mesh_pr
 from memagent_jax.models.sharding import (
     DECODE_RULES, batch_multiple, batch_sharding, cache_sharding, mesh_context,
 )
+from memagent_jax.models.platform import HEAD_MAJOR, kv_cache_layout, mesh_platform
 from memagent_jax.models.transformer import Decoder, KVCache
 from memagent_jax.sampler import (
     MAX_STOP_IDS, _argmax, _pow2_bucket, _prefill, bucket, decode_state, filter_logits,
@@ -155,20 +156,25 @@ def _prefill_program(graphdef: Any, state: Any, slots: dict[str, jax.Array], ids
     U, P = ids.shape
     cache = KVCache.zeros(model.config, U, P)
     if mesh is not None:  # the prompts' cache split like the slots' (else XLA may replicate it)
-        cache = KVCache(*(jax.lax.with_sharding_constraint(x, cache_sharding(mesh, DECODE_RULES))
-                          for x in cache))
+        cache = KVCache(*(jax.lax.with_sharding_constraint(x, cache_sharding(mesh, DECODE_RULES, keys=keys))
+                          for x, keys in zip(cache, (True, False))))
     logits_u, cache = _prefill(model, ids, lens, cache, chunk)
     out = dict(slots)
     put = lambda a, v: a.at[slot_idx].set(v, mode="drop")  # noqa: E731
-    cache_spec = None if mesh is None else cache_sharding(mesh, DECODE_RULES)
+    specs = (None, None) if mesh is None else tuple(cache_sharding(mesh, DECODE_RULES, keys=keys)
+                                                     for keys in (True, False))
 
     def insert(layer: jax.Array, kv: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         # one layer at a time: the rows gathered for the scatter into other devices' slots are
         # one layer's (all-gathered rows x prompt), not every layer's (7 GiB for Qwen2.5-7B at 64 rows)
-        out_kv = tuple(dst.at[layer, slot_idx, :P].set(src[layer][row_to_unique], mode="drop")
-                       for dst, src in zip(kv, cache))
-        return tuple(x if cache_spec is None else jax.lax.with_sharding_constraint(x, cache_spec)
-                     for x in out_kv)
+        if kv_cache_layout() == HEAD_MAJOR:  # keys [.., K, hd, S], values [.., K, S, hd]
+            k_at, v_at = (layer, slot_idx, slice(None), slice(None), slice(0, P)), (layer, slot_idx, slice(None), slice(0, P))
+        else:  # [.., S, K, hd]
+            k_at = v_at = (layer, slot_idx, slice(0, P))
+        out_kv = (kv[0].at[k_at].set(cache.k[layer][row_to_unique], mode="drop"),
+                  kv[1].at[v_at].set(cache.v[layer][row_to_unique], mode="drop"))
+        return tuple(x if spec is None else jax.lax.with_sharding_constraint(x, spec)
+                     for x, spec in zip(out_kv, specs))
 
     out["k"], out["v"] = jax.lax.fori_loop(0, model.config.num_layers, insert, (slots["k"], slots["v"]))
     out["logits"] = put(slots["logits"], logits_u[row_to_unique])
@@ -283,7 +289,7 @@ class Engine:
         self._slots = self._empty_slots()
 
     def _empty_slots(self) -> dict[str, jax.Array]:
-        specs = slot_specs(self.config, self.num_slots, self.max_len)
+        specs = slot_specs(self.config, self.num_slots, self.max_len, mesh_platform(self.mesh))
         if self.mesh is None:
             return {n: jnp.zeros(shape, dt) for n, (shape, dt) in specs.items()}
         shardings = slot_shardings(specs, self.mesh)

@@ -171,13 +171,14 @@ def _program(graphdef: Any, state: Any, prompt_ids: jax.Array, prompt_lens: jax.
     def constrain(x: jax.Array, sharding: Any) -> jax.Array:
         return x if mesh is None else jax.lax.with_sharding_constraint(x, sharding)
 
-    cache_spec = None if mesh is None else cache_sharding(mesh, DECODE_RULES)
+    k_spec, v_spec = (None, None) if mesh is None else (
+        cache_sharding(mesh, DECODE_RULES, keys=True), cache_sharding(mesh, DECODE_RULES))
     cache = KVCache.zeros(cfg, U, S)
-    cache = KVCache(constrain(cache.k, cache_spec), constrain(cache.v, cache_spec))
+    cache = KVCache(constrain(cache.k, k_spec), constrain(cache.v, v_spec))
     logits_u, cache = _prefill(model, prompt_ids, prompt_lens, cache, prefill_chunk)
     row_spec = None if mesh is None else batch_sharding(mesh, DECODE_RULES, 2)
-    cache = KVCache(constrain(cache.k[:, row_to_unique], cache_spec),
-                    constrain(cache.v[:, row_to_unique], cache_spec))
+    cache = KVCache(constrain(cache.k[:, row_to_unique], k_spec),
+                    constrain(cache.v[:, row_to_unique], v_spec))
     logits = constrain(logits_u[row_to_unique], row_spec)
     lens = prompt_lens[row_to_unique]
     stop_ids = params["stop_ids"]

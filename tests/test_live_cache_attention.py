@@ -16,17 +16,17 @@ def test_read_lengths_are_static_steps_up_to_the_cache_length() -> None:
     assert live_read_lengths(1000) == (128, 256, 384, 512, 640, 768, 896, 1000)
 
 
-def _full(q, kc, vc, layer, query_slot):
-    S = kc.shape[2]
+def _full(q, kc, vc, layer, query_slot):  # the KVCache layout: keys [L, B, K, hd, S], values [L, B, K, S, hd]
+    S = vc.shape[3]
     mask = jnp.arange(S)[None, None, :] <= query_slot[:, :, None]
-    return xla_attention(q, kc[layer], vc[layer], mask)
+    return xla_attention(q, kc[layer].transpose(0, 3, 1, 2), vc[layer].transpose(0, 2, 1, 3), mask)
 
 
 def test_live_read_equals_the_whole_cache_and_ignores_slots_behind_the_live_rows() -> None:
     L, B, S, K, H, hd = 3, 4, 96, 2, 4, 8
     rng = np.random.default_rng(0)
-    kc = jnp.asarray(rng.normal(size=(L, B, S, K, hd)), jnp.float32)
-    vc = jnp.asarray(rng.normal(size=(L, B, S, K, hd)), jnp.float32)
+    kc = jnp.asarray(rng.normal(size=(L, B, K, hd, S)), jnp.float32)
+    vc = jnp.asarray(rng.normal(size=(L, B, K, S, hd)), jnp.float32)
     fn = jax.jit(live_cache_attention)
     for T, last in ((1, [5, 17, 3, 40]), (1, [95, 0, 12, 7]), (3, [20, 30, 10, 2])):
         q = jnp.asarray(rng.normal(size=(B, T, H, hd)), jnp.float32)
@@ -38,8 +38,8 @@ def test_live_read_equals_the_whole_cache_and_ignores_slots_behind_the_live_rows
     # slots from 48 on are not read at all (NaN there would poison the masked products)
     q = jnp.asarray(rng.normal(size=(B, 1, H, hd)), jnp.float32)
     query_slot = jnp.asarray([[5], [17], [3], [40]])
-    noisy_k = kc.at[:, :, 41:].set(1e4).at[:, :, 48:].set(jnp.nan)
-    noisy_v = vc.at[:, :, 41:].set(-1e4).at[:, :, 48:].set(jnp.nan)
+    noisy_k = kc.at[..., 41:].set(1e4).at[..., 48:].set(jnp.nan)
+    noisy_v = vc.at[:, :, :, 41:].set(-1e4).at[:, :, :, 48:].set(jnp.nan)
     np.testing.assert_allclose(fn(q, noisy_k, noisy_v, jnp.int32(1), query_slot),
                                fn(q, kc, vc, jnp.int32(1), query_slot), rtol=1e-6)
     assert not np.isnan(np.asarray(fn(q, noisy_k, noisy_v, jnp.int32(1), query_slot))).any()
@@ -49,12 +49,12 @@ def test_programs_for_tpu_and_gpu_read_the_whole_layer_without_a_switch(monkeypa
     """The live read's lax.switch made the TPU compiler copy the whole KV cache every decode step
     (qwen2_5_7b_memagent_v5p32: 119 GiB, did not fit); for TPU/GPU the read is one fused slice
     (no cond in the program) with the same values, on CPU the switch stays."""
-    import memagent_jax.models.attention as attention
+    import memagent_jax.models.platform as platform_module
 
     L, B, S, K, H, hd = 2, 2, 64, 2, 4, 8
     rng = np.random.default_rng(1)
-    kc = jnp.asarray(rng.normal(size=(L, B, S, K, hd)), jnp.float32)
-    vc = jnp.asarray(rng.normal(size=(L, B, S, K, hd)), jnp.float32)
+    kc = jnp.asarray(rng.normal(size=(L, B, K, hd, S)), jnp.float32)
+    vc = jnp.asarray(rng.normal(size=(L, B, K, S, hd)), jnp.float32)
     q = jnp.asarray(rng.normal(size=(B, 1, H, hd)), jnp.float32)
     query_slot = jnp.asarray([[5], [20]], jnp.int32)
     args = (q, kc, vc, jnp.int32(1), query_slot)
@@ -63,7 +63,35 @@ def test_programs_for_tpu_and_gpu_read_the_whole_layer_without_a_switch(monkeypa
 
     assert "cond" in program()  # CPU: the live read
     expected = live_cache_attention(*args)
+    # TPU/GPU programs keep the cache slot-major: [L, B, S, K, hd]
+    args = (q, kc.transpose(0, 1, 4, 2, 3), vc.transpose(0, 1, 3, 2, 4), jnp.int32(1), query_slot)
     for platform in ("tpu", "gpu"):
-        monkeypatch.setattr(attention, "target_platform", lambda p=platform: p)
+        monkeypatch.setattr(platform_module, "target_platform", lambda p=platform: p)
         assert "cond" not in program()
         np.testing.assert_allclose(np.asarray(live_cache_attention(*args)), np.asarray(expected), atol=1e-5)
+
+
+def test_both_cache_layouts_generate_the_same_tokens(monkeypatch) -> None:
+    """The sampler and the engine on the CPU's head-major cache and on the TPU/GPU slot-major one
+    (the layout switched alone, on this CPU): equal greedy tokens and log-probs."""
+    import memagent_jax.models.platform as platform_module
+    from memagent_jax import engine, sampler
+    from memagent_jax.models import ModelConfig, init_model
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                      num_kv_heads=2, max_position_embeddings=256)
+    model = init_model(cfg, 3)
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9], [1, 2, 3, 4, 5], list(range(10, 40))]
+    outputs = {}
+    for platform in ("cpu", "tpu"):
+        monkeypatch.setattr(platform_module, "target_platform", lambda p=platform: p)
+        assert platform_module.kv_cache_layout() == ("head_major" if platform == "cpu" else "slot_major")
+        jax.clear_caches()  # the programs are traced again, in this layout
+        traced = sampler.compile_count()
+        out = sampler.generate(model, prompts, max_new_tokens=40)
+        assert sampler.compile_count() > traced
+        eng = engine.engine_generate(model, prompts, max_new_tokens=40, slots=2)
+        outputs[platform] = (out.tokens, eng.tokens, out.logps)
+    assert outputs["cpu"][0] == outputs["tpu"][0] == outputs["cpu"][1] == outputs["tpu"][1]
+    for a, b in zip(outputs["cpu"][2], outputs["tpu"][2]):
+        np.testing.assert_allclose(a, b, atol=1e-5)

@@ -40,6 +40,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from memagent_jax.models.platform import HEAD_MAJOR, kv_cache_layout, target_platform
+
 ATTENTION_IMPLS = ("xla", "cudnn", "splash", "blocked", "auto")
 _MASK_VALUE = -1e30  # finite, so fully-masked rows give a uniform softmax instead of NaN
 LIVE_READ_BUCKETS = 8  # a cached attention reads the cache in steps of 1/8 of its length
@@ -60,22 +62,31 @@ def resolve(impl: str, platform: str | None = None, dtype: Any = jnp.bfloat16) -
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Grouped-query attention with materialised scores. q [B,T,H,hd]; k, v [B,S,K,hd]; mask
-    [B,T,S] bool -> [B,T,H*hd].
+    [B,T,S] bool -> [B,T,H*hd]. (Head-major k, v [B,K,S,hd], a KV cache's layout:
+    `head_major_attention`.)"""
+    return head_major_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
+
+
+def head_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
+                         keys_transposed: bool = False) -> jax.Array:
+    """`xla_attention` with keys and values head-major: k, v [B,K,S,hd]; `keys_transposed`:
+    k [B,K,hd,S] (the KV cache's layout, models/transformer.KVCache).
 
     The G = H/K query heads that share a KV head are folded into the query axis, so both products
     are plain batched matmuls over (B, K) with G*T rows: on XLA:CPU this halves the backward pass
     against a 5-D einsum (measured: 40 -> 21 ms per layer at B=32, T=128, H=4, hd=16).
     """
     B, T, H, hd = q.shape
-    S, K = k.shape[1], k.shape[2]
+    K, S = v.shape[1], v.shape[2]
     G = H // K
     q = q.reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, hd)
-    scores = jnp.einsum("bkqd,bskd->bkqs", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bkqd,bkds->bkqs" if keys_transposed else "bkqd,bksd->bkqs", q, k,
+                        preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(hd)
     mask = jnp.broadcast_to(mask[:, None, None], (B, 1, G, T, S)).reshape(B, 1, G * T, S)
     scores = jnp.where(mask, scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkqs,bskd->bkqd", probs.astype(v.dtype), v)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs.astype(v.dtype), v)
     return out.reshape(B, K, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
 
 
@@ -111,14 +122,6 @@ def _splash_kernel(heads: int, length: int, block: int, interpret: bool) -> Any:
     if jax.sharding.get_abstract_mesh().empty:
         return _cached_splash_kernel(heads, length, block, interpret)
     return _make_splash_kernel(heads, length, block, interpret)
-
-
-def target_platform() -> str:
-    """The platform the program being traced is for: the devices of the context mesh
-    (`jax.set_mesh`, e.g. a TPU topology compiled from a CPU host), else the default backend."""
-    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
-    platform = getattr(device, "platform", None)
-    return "gpu" if platform == "cuda" else platform or jax.default_backend()
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block: int = 128) -> jax.Array:
@@ -268,35 +271,41 @@ def live_read_lengths(cache_len: int, buckets: int = LIVE_READ_BUCKETS) -> tuple
 
 def live_cache_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array,
                          query_slot: jax.Array) -> jax.Array:
-    """Attention of new queries over layer `layer` of the stacked KV cache, reading only its
-    live part. q [B,T,H,hd]; caches [L,B,S,K,hd] (the queries' own keys already written);
+    """Attention of new queries over layer `layer` of the stacked KV cache (`KVCache`, in the
+    target's layout: models/platform.py), the queries' own keys already written. q [B,T,H,hd];
     query_slot [B,T]: query t of row b attends to slots <= query_slot[b, t] -> [B,T,H*hd].
 
-    The keys read are the first R slots, R the smallest of `live_read_lengths(S)` above every
-    row's last query slot: a `lax.switch` over those static lengths, so the program has static
-    shapes and a decode step reads the cache up to the longest live row (rounded to S/8), not
-    the padding of the prompt bucket and the new-token budget behind it. That is on CPU; in a
-    program for TPU or GPU the read is the whole layer, fused (the switch made the compiler copy
-    the cache every step: tests/test_live_cache_attention.py checks there is no switch).
+    On CPU (head-major cache) the keys read are the first R slots, R the smallest of
+    `live_read_lengths(S)` above every row's last query slot: a `lax.switch` over those static
+    lengths, each branch slicing its length straight from the stacked cache (one copy), so the
+    program has static shapes and a decode step reads the cache up to the longest live row
+    (rounded to S/8), not the padding of the prompt bucket and the new-token budget behind it.
+    For TPU or GPU (slot-major cache) the read is the whole layer, fused: the switch made the
+    compiler copy the cache every step (tests/test_live_cache_attention.py checks there is none).
     """
-    lengths = live_read_lengths(k_cache.shape[2])
-    if target_platform() != "cpu":
-        # On TPU/GPU the read stays whole: the switch's operands are copies, and the compiler
-        # copied the cache (qwen2_5_7b_memagent_v5p32's decode: 62.9 GiB of temporaries with the
-        # stacked cache as operand, 23.0 with the layer's slice, 1.2 reading it whole and fused).
-        lengths = lengths[-1:]
-    need = jnp.max(query_slot) + 1
-    index = jnp.minimum(jnp.searchsorted(jnp.asarray(lengths, jnp.int32), need), len(lengths) - 1)
-    k_layer = jax.lax.dynamic_index_in_dim(k_cache, layer, 0, keepdims=False)
-    v_layer = jax.lax.dynamic_index_in_dim(v_cache, layer, 0, keepdims=False)
+    zero = jnp.int32(0)
+    if kv_cache_layout() != HEAD_MAJOR:
+        # qwen2_5_7b_memagent_v5p32's decode: 62.9 GiB of temporaries with the stacked cache as a
+        # switch operand, 23.0 with the layer's slice, 1.2 reading it whole and fused.
+        _, B, S, K, hd = k_cache.shape
+        k = jax.lax.dynamic_slice(k_cache, (layer, zero, zero, zero, zero), (1, B, S, K, hd))[0]
+        v = jax.lax.dynamic_slice(v_cache, (layer, zero, zero, zero, zero), (1, B, S, K, hd))[0]
+        mask = jnp.arange(S, dtype=jnp.int32)[None, None, :] <= query_slot[:, :, None]
+        return xla_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+    _, B, K, hd, S = k_cache.shape
+    lengths = live_read_lengths(S)
 
     def read(length: int) -> Any:
-        def attend(q: jax.Array, k_layer: jax.Array, v_layer: jax.Array) -> jax.Array:
-            k, v = k_layer[:, :length], v_layer[:, :length]
+        def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array) -> jax.Array:
+            k = jax.lax.dynamic_slice(k_cache, (layer, zero, zero, zero, zero), (1, B, K, hd, length))[0]
+            v = jax.lax.dynamic_slice(v_cache, (layer, zero, zero, zero, zero), (1, B, K, length, hd))[0]
             mask = jnp.arange(length, dtype=jnp.int32)[None, None, :] <= query_slot[:, :, None]
-            return xla_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+            return head_major_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask,
+                                        keys_transposed=True)
         return attend
 
-    if len(lengths) == 1:  # one length (a short cache, or not on CPU): no switch, the read fuses
-        return read(lengths[0])(q, k_layer, v_layer)
-    return jax.lax.switch(index, [read(n) for n in lengths], q, k_layer, v_layer)
+    if len(lengths) == 1:  # a short cache: no switch
+        return read(lengths[0])(q, k_cache, v_cache)
+    need = jnp.max(query_slot) + 1
+    index = jnp.minimum(jnp.searchsorted(jnp.asarray(lengths, jnp.int32), need), len(lengths) - 1)
+    return jax.lax.switch(index, [read(n) for n in lengths], q, k_cache, v_cache)

@@ -150,9 +150,16 @@ def activation_sharding(mesh: Mesh, rules: Rules = TRAIN_RULES) -> NamedSharding
     return NamedSharding(mesh, logical_to_spec(("batch", "length", None), rules))
 
 
-def cache_sharding(mesh: Mesh, rules: Rules = DECODE_RULES) -> NamedSharding:
-    """KV cache [layers, B, S, kv_heads, head_dim]."""
-    names = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+def cache_sharding(mesh: Mesh, rules: Rules = DECODE_RULES, *, keys: bool = False) -> NamedSharding:
+    """The KV cache's values (`keys`: keys) in the mesh platform's layout (models/platform.py)."""
+    from memagent_jax.models.platform import HEAD_MAJOR, kv_cache_layout, mesh_platform
+
+    if kv_cache_layout(mesh_platform(mesh)) != HEAD_MAJOR:
+        names = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+    elif keys:
+        names = ("layers", "batch", "kv_heads", "head_dim", "cache_length")
+    else:
+        names = ("layers", "batch", "kv_heads", "cache_length", "head_dim")
     return NamedSharding(mesh, logical_to_spec(names, rules))
 
 

@@ -22,11 +22,14 @@ from memagent_jax.models.lora import (
     dropout_key, init_adapters, lora_dropout, lora_logical_axes, lora_shapes,
 )
 from memagent_jax.models.model_config import ModelConfig, dtype_from_name
+from memagent_jax.models.platform import HEAD_MAJOR, kv_cache_layout
 from memagent_jax.models.sharding import constrain_batch
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer: [layers, batch, cache_len, kv_heads, head_dim]."""
+    """Keys and values of every layer in the target platform's layout (models/platform.py):
+    on CPU k [layers, batch, kv_heads, head_dim, slots], v [layers, batch, kv_heads, slots,
+    head_dim]; on TPU/GPU both [layers, batch, slots, kv_heads, head_dim] (`cache_shapes`)."""
 
     k: jax.Array
     v: jax.Array
@@ -34,8 +37,17 @@ class KVCache(NamedTuple):
     @classmethod
     def zeros(cls, config: ModelConfig, batch: int, length: int, dtype: Any = None) -> "KVCache":
         dtype = dtype or dtype_from_name(config.dtype)
-        shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        k_shape, v_shape = cache_shapes(config, batch, length)
+        return cls(jnp.zeros(k_shape, dtype), jnp.zeros(v_shape, dtype))
+
+
+def cache_shapes(config: ModelConfig, batch: int, length: int, platform: str | None = None
+                 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of the KV cache's keys and values (`KVCache`) for `platform` (None: the target's)."""
+    L, K, hd = config.num_layers, config.num_kv_heads, config.head_dim
+    if kv_cache_layout(platform) == HEAD_MAJOR:
+        return (L, batch, K, hd, length), (L, batch, K, length, hd)
+    return (L, batch, length, K, hd), (L, batch, length, K, hd)
 
 
 # Logical axes of every weight (path -> names); sharding.py maps names to mesh axes.
@@ -173,8 +185,10 @@ def _linear_bwd(res: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Ar
 linear.defvjp(_linear_fwd, _linear_bwd)
 
 
-def write_cache(cache: jax.Array, new: jax.Array, layer: jax.Array, offset: jax.Array) -> jax.Array:
-    """Writes new [B, T, K, hd] into the stacked cache [L, B, S, K, hd] at `layer`, slots
+def write_cache(cache: jax.Array, new: jax.Array, layer: jax.Array, offset: jax.Array, *,
+                keys: bool = False) -> jax.Array:
+    """Writes new [B, T, K, hd] into the stacked cache (`KVCache`'s keys if `keys`, else its
+    values, in the target's layout) at `layer`, slots
     offset[b] ... offset[b] + T - 1 of row b.
 
     One scatter of only the new entries, in place in a loop carry: copying the [B, S, K, hd]
@@ -183,13 +197,18 @@ def write_cache(cache: jax.Array, new: jax.Array, layer: jax.Array, offset: jax.
     (no all-gather of indices or updates). Out-of-range slots clip, like dynamic_update_slice.
     """
     B = new.shape[0]
+    if kv_cache_layout() == HEAD_MAJOR:  # keys [L, B, K, hd, S], values [L, B, K, S, hd]
+        slot_axis, order = (4, (0, 2, 3, 1)) if keys else (3, (0, 2, 1, 3))
+    else:  # [L, B, S, K, hd]
+        slot_axis, order = 2, (0, 1, 2, 3)
     layers = jnp.broadcast_to(jnp.asarray(layer, jnp.int32), (B,))
     dnums = jax.lax.ScatterDimensionNumbers(
         update_window_dims=(1, 2, 3), inserted_window_dims=(0,),
-        scatter_dims_to_operand_dims=(0, 2), operand_batching_dims=(1,),
+        scatter_dims_to_operand_dims=(0, slot_axis), operand_batching_dims=(1,),
         scatter_indices_batching_dims=(0,))
     indices = jnp.stack([layers, offset.astype(jnp.int32)], axis=-1)  # [B, 2]: (layer, slot)
-    return jax.lax.scatter(cache, indices, new.astype(cache.dtype), dnums,
+    update = new.astype(cache.dtype).transpose(order)  # [B, ...] in the cache's order
+    return jax.lax.scatter(cache, indices, update, dnums,
                            indices_are_sorted=True, unique_indices=True,
                            mode=jax.lax.GatherScatterMode.CLIP)
 
@@ -311,7 +330,7 @@ class Decoder(nnx.Module):
             k = apply_rope(k, positions, inv_freq)
             v = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
             if ck is not None:
-                ck, cv = write_cache(ck, k, i, offset), write_cache(cv, v, i, offset)
+                ck, cv = write_cache(ck, k, i, offset, keys=True), write_cache(cv, v, i, offset)
             if ck is None or from_start:  # causal over these T tokens: model.attention's kernel
                 att = causal_attention(q, k, v, mask, cfg.attention)
             else:  # prefill / decode over the cache's live part: per-row offsets, materialised
