@@ -10,7 +10,8 @@ programs act on it (a prefill/insert + generate split, as in JetStream):
   are waiting (an eighth of the slots by default: one refill per finished row made host work,
   not decoding, most of a rollout's time).
 
-Between programs the host returns finished rows and refills their slots. Each request samples
+The programs are in engine_programs.py; this module is the host side. Between programs the host
+returns finished rows and refills their slots. Each request samples
 from its own PRNG stream fold_in(row_key, its own step), with per-request temperature / top-p /
 top-k / stop ids / max_new_tokens as traced values, so its tokens and log-probs do not depend on
 the slot it ran in or on its neighbours: the output equals `sampler.generate`'s for the same
@@ -29,49 +30,24 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import time
 from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from memagent_jax.distributed import allgather_ints, from_process_local, mesh_processes, process_offsets
-from memagent_jax.models.sharding import (
-    DECODE_RULES, batch_multiple, batch_sharding, cache_sharding, mesh_context,
+from memagent_jax.engine_programs import (  # noqa: F401  (STATS, compile_count, the programs: public here)
+    STATS, EngineStats, _jitted_decode, _jitted_prefill, _take_rows, compile_count,
 )
-from memagent_jax.models.platform import HEAD_MAJOR, kv_cache_layout, mesh_platform
-from memagent_jax.models.transformer import Decoder, KVCache
-from memagent_jax.sampler import (
-    MAX_STOP_IDS, _argmax, _pow2_bucket, _prefill, bucket, decode_state, filter_logits,
-)
+from memagent_jax.models.sharding import DECODE_RULES, batch_multiple, batch_sharding, mesh_context
+from memagent_jax.models.platform import mesh_platform
+from memagent_jax.models.transformer import Decoder
+from memagent_jax.sampler import MAX_STOP_IDS, _pow2_bucket, bucket, decode_state
 from memagent_jax.seeds import Seed, derive
 from memagent_jax.engine_slots import slot_shardings, slot_specs
 from memagent_jax.types import SampleOutput
-
-_NEG = -1e30
-
-
-@dataclasses.dataclass
-class EngineStats:
-    """Programs traced (prefill + decode) and host calls of each, for every engine."""
-
-    compilations: int = 0
-    prefill_calls: int = 0
-    decode_calls: int = 0
-    decode_steps: int = 0  # loop iterations run
-    active_slot_steps: int = 0  # sum over iterations of active slots (occupancy numerator)
-    slot_steps: int = 0  # iterations x slots (occupancy denominator)
-
-
-STATS = EngineStats()
-
-
-def compile_count() -> int:
-    """How many engine programs have been traced in this process."""
-    return STATS.compilations
 
 
 def row_key(seed: Seed, row: int) -> np.ndarray:
@@ -112,142 +88,6 @@ class Result:
 
 
 # ------------------------------------------------------------------------------ device programs
-def _sample_rows(logits: jax.Array, keys: jax.Array, step: jax.Array, s: dict[str, jax.Array],
-                 vocab_limit: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`sampler._sample_step` with per-row params and per-row steps (same ids and log-probs)."""
-    temperature = s["temperature"]
-    greedy = temperature <= 0
-    scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
-    vocab_ok = jnp.arange(logits.shape[-1])[None, :] < vocab_limit
-    masked = jnp.where(vocab_ok, scaled, _NEG)
-    filtering = (s["top_k"] > 0) | (s["top_p"] < 1.0)
-
-    def sample(lg: jax.Array) -> jax.Array:
-        step_keys = jax.vmap(jax.random.fold_in)(keys, step)
-        noise = jax.vmap(lambda k: jax.random.gumbel(k, lg.shape[-1:], jnp.float32))(step_keys)
-        # Per row, sampler's filter (its cond becomes a select under vmap: rows with both
-        # filters off keep their logits); the sort is skipped when no row filters.
-        per_row = jax.vmap(lambda x, p, k: filter_logits(x[None], p, k)[0])
-        filtered = jax.lax.cond(jnp.any(filtering),
-                                lambda x: per_row(x, s["top_p"], s["top_k"]), lambda x: x, lg)
-        return _argmax(filtered + noise)
-
-    greedy_ids = _argmax(masked)
-    ids = jax.lax.cond(jnp.all(greedy), lambda x: greedy_ids, sample, masked)
-    ids = jnp.where(greedy, greedy_ids, ids)
-    logps = jax.nn.log_softmax(scaled, axis=-1)
-    return ids, jnp.take_along_axis(logps, ids[:, None], axis=-1)[:, 0]
-
-
-def _constrain(slots: dict[str, jax.Array], mesh: Any) -> dict[str, jax.Array]:
-    if mesh is None:
-        return slots
-    shardings = slot_shardings(slots, mesh)
-    return {n: jax.lax.with_sharding_constraint(x, shardings[n]) for n, x in slots.items()}
-
-
-def _prefill_program(graphdef: Any, state: Any, slots: dict[str, jax.Array], ids: jax.Array,
-                     lens: jax.Array, row_to_unique: jax.Array, slot_idx: jax.Array,
-                     new: dict[str, jax.Array], *, chunk: int, mesh: Any) -> dict[str, jax.Array]:
-    """Prefills unique prompts [U, P] and inserts them into slots `slot_idx` [M] (out of range:
-    a padding row, dropped). `new` holds the rows' keys and sampling parameters."""
-    STATS.compilations += 1  # trace time only
-    model = nnx.merge(graphdef, state)
-    U, P = ids.shape
-    cache = KVCache.zeros(model.config, U, P)
-    if mesh is not None:  # the prompts' cache split like the slots' (else XLA may replicate it)
-        cache = KVCache(*(jax.lax.with_sharding_constraint(x, cache_sharding(mesh, DECODE_RULES, keys=keys))
-                          for x, keys in zip(cache, (True, False))))
-    logits_u, cache = _prefill(model, ids, lens, cache, chunk)
-    out = dict(slots)
-    put = lambda a, v: a.at[slot_idx].set(v, mode="drop")  # noqa: E731
-    specs = (None, None) if mesh is None else tuple(cache_sharding(mesh, DECODE_RULES, keys=keys)
-                                                     for keys in (True, False))
-
-    def insert(layer: jax.Array, kv: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        # one layer at a time: the rows gathered for the scatter into other devices' slots are
-        # one layer's (all-gathered rows x prompt), not every layer's (7 GiB for Qwen2.5-7B at 64 rows)
-        if kv_cache_layout() == HEAD_MAJOR:  # keys [.., K, hd, S], values [.., K, S, hd]
-            k_at, v_at = (layer, slot_idx, slice(None), slice(None), slice(0, P)), (layer, slot_idx, slice(None), slice(0, P))
-        else:  # [.., S, K, hd]
-            k_at = v_at = (layer, slot_idx, slice(0, P))
-        out_kv = (kv[0].at[k_at].set(cache.k[layer][row_to_unique], mode="drop"),
-                  kv[1].at[v_at].set(cache.v[layer][row_to_unique], mode="drop"))
-        return tuple(x if spec is None else jax.lax.with_sharding_constraint(x, spec)
-                     for x, spec in zip(out_kv, specs))
-
-    out["k"], out["v"] = jax.lax.fori_loop(0, model.config.num_layers, insert, (slots["k"], slots["v"]))
-    out["logits"] = put(slots["logits"], logits_u[row_to_unique])
-    out["plen"] = put(slots["plen"], lens[row_to_unique])
-    out["step"] = put(slots["step"], jnp.zeros_like(slot_idx))
-    out["active"] = put(slots["active"], jnp.ones(slot_idx.shape, bool))
-    for name, value in new.items():
-        out[name] = put(slots[name], value)
-    return _constrain(out, mesh)
-
-
-def _decode_program(graphdef: Any, state: Any, slots: dict[str, jax.Array],
-                    vocab_limit: jax.Array, refill_at: jax.Array, *, steps: int, mesh: Any
-                    ) -> tuple[dict[str, jax.Array], jax.Array]:
-    """Advances every active slot by up to `steps` tokens; returns the slots and the iterations
-    run. Stops after the iteration in which the `refill_at`-th slot finishes (0: never early),
-    so the host refills freed slots in batches rather than one program call per finished row."""
-    STATS.compilations += 1
-    model = nnx.merge(graphdef, state)
-    S, W = slots["tokens"].shape
-    rows = jnp.arange(S)
-
-    def cond(c: tuple[jax.Array, jax.Array, dict[str, jax.Array]]) -> jax.Array:
-        i, finished, s = c
-        return (i < steps) & ~((refill_at > 0) & (finished >= refill_at)) & jnp.any(s["active"])
-
-    def body(c: tuple[jax.Array, jax.Array, dict[str, jax.Array]]
-             ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-        i, finished_count, s = c
-        s = dict(s)
-        active, step = s["active"], s["step"]
-        ids, lp = _sample_rows(s["logits"], s["keys"], step, s, vocab_limit)
-        ids = jnp.where(active, ids, 0)
-        at = jnp.where(active, step, W)  # inactive rows write nowhere
-        s["tokens"] = s["tokens"].at[rows, at].set(ids, mode="drop")
-        s["logps"] = s["logps"].at[rows, at].set(lp, mode="drop")
-        new_step = step + active.astype(jnp.int32)
-        hit_stop = jnp.any(ids[:, None] == s["stop_ids"], axis=-1)
-        finished = active & (hit_stop | (new_step >= s["max_new"]))
-        hidden, cache = model.hidden_states(ids[:, None], cache=KVCache(s["k"], s["v"]),
-                                            cache_index=s["plen"] + step)
-        s["k"], s["v"] = cache.k, cache.v
-        s["logits"] = model.logits(hidden)[:, 0]
-        s["step"], s["active"] = new_step, active & ~finished
-        occupancy = s.pop("occupancy") + jnp.sum(active.astype(jnp.int32))
-        finished_count = finished_count + jnp.sum(finished.astype(jnp.int32))
-        return i + 1, finished_count, dict(_constrain(s, mesh), occupancy=occupancy)
-
-    slots = dict(slots, occupancy=jnp.int32(0))
-    i, _, out = jax.lax.while_loop(cond, body, (jnp.int32(0), jnp.int32(0), slots))
-    occupancy = out.pop("occupancy")
-    return _constrain(out, mesh), jnp.stack([i, occupancy])
-
-
-@jax.jit
-def _take_rows(arrays: list[jax.Array], index: jax.Array) -> list[jax.Array]:
-    """Rows `index` of each array (the finished slots' tokens and log-probs)."""
-    return [jnp.take(x, index, axis=0) for x in arrays]
-
-
-@functools.lru_cache(maxsize=64)
-def _jitted_prefill(chunk: int, mesh: Any) -> Any:
-    return jax.jit(functools.partial(_prefill_program, chunk=chunk, mesh=mesh), static_argnums=0,
-                   donate_argnums=2)
-
-
-@functools.lru_cache(maxsize=64)
-def _jitted_decode(steps: int, mesh: Any) -> Any:
-    return jax.jit(functools.partial(_decode_program, steps=steps, mesh=mesh), static_argnums=0,
-                   donate_argnums=2)
-
-
-# ------------------------------------------------------------------------------------ the engine
 class Engine:
     """Continuous batching over `slots` (rounded up to a power of two) cache rows of `max_len`.
 
