@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from memagent_jax.engine_slots import slot_shardings
-from memagent_jax.models.platform import HEAD_MAJOR, kv_cache_layout
+from memagent_jax.models.platform import cache_axes
 from memagent_jax.models.sharding import DECODE_RULES, cache_sharding
 from memagent_jax.models.transformer import KVCache
 from memagent_jax.sampler import _argmax, _prefill, filter_logits
@@ -46,7 +46,6 @@ STATS = EngineStats()
 def compile_count() -> int:
     """How many engine programs have been traced in this process."""
     return STATS.compilations
-
 
 
 def _sample_rows(logits: jax.Array, keys: jax.Array, step: jax.Array, s: dict[str, jax.Array],
@@ -104,10 +103,8 @@ def _prefill_program(graphdef: Any, state: Any, slots: dict[str, jax.Array], ids
     def insert(layer: jax.Array, kv: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         # one layer at a time: the rows gathered for the scatter into other devices' slots are
         # one layer's (all-gathered rows x prompt), not every layer's (7 GiB for Qwen2.5-7B at 64 rows)
-        if kv_cache_layout() == HEAD_MAJOR:  # keys [.., K, hd, S], values [.., K, S, hd]
-            k_at, v_at = (layer, slot_idx, slice(None), slice(None), slice(0, P)), (layer, slot_idx, slice(None), slice(0, P))
-        else:  # [.., S, K, hd]
-            k_at = v_at = (layer, slot_idx, slice(0, P))
+        k_at, v_at = ((layer, slot_idx) + tuple(slice(0, P) if a == "cache_length" else slice(None)
+                                               for a in axes[2:]) for axes in cache_axes())
         out_kv = (kv[0].at[k_at].set(cache.k[layer][row_to_unique], mode="drop"),
                   kv[1].at[v_at].set(cache.v[layer][row_to_unique], mode="drop"))
         return tuple(x if spec is None else jax.lax.with_sharding_constraint(x, spec)

@@ -42,3 +42,13 @@ def mesh_platform(mesh: Any) -> str:
 def kv_cache_layout(platform: str | None = None) -> str:
     """HEAD_MAJOR on CPU, SLOT_MAJOR on TPU/GPU (module docstring); `platform` None: the target's."""
     return HEAD_MAJOR if (platform or target_platform()) == "cpu" else SLOT_MAJOR
+
+
+def cache_axes(platform: str | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The logical axes of the cache's keys and values in `platform`'s layout: the one place the
+    layout is written down (shapes, shardings, writes and slot inserts derive from it)."""
+    if kv_cache_layout(platform) == HEAD_MAJOR:
+        return (("layers", "batch", "kv_heads", "head_dim", "cache_length"),
+                ("layers", "batch", "kv_heads", "cache_length", "head_dim"))
+    slot_major = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+    return slot_major, slot_major

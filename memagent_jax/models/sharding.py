@@ -152,14 +152,9 @@ def activation_sharding(mesh: Mesh, rules: Rules = TRAIN_RULES) -> NamedSharding
 
 def cache_sharding(mesh: Mesh, rules: Rules = DECODE_RULES, *, keys: bool = False) -> NamedSharding:
     """The KV cache's values (`keys`: keys) in the mesh platform's layout (models/platform.py)."""
-    from memagent_jax.models.platform import HEAD_MAJOR, kv_cache_layout, mesh_platform
+    from memagent_jax.models.platform import cache_axes, mesh_platform
 
-    if kv_cache_layout(mesh_platform(mesh)) != HEAD_MAJOR:
-        names = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
-    elif keys:
-        names = ("layers", "batch", "kv_heads", "head_dim", "cache_length")
-    else:
-        names = ("layers", "batch", "kv_heads", "cache_length", "head_dim")
+    names = cache_axes(mesh_platform(mesh))[0 if keys else 1]
     return NamedSharding(mesh, logical_to_spec(names, rules))
 
 

@@ -22,7 +22,7 @@ from memagent_jax.models.lora import (
     dropout_key, init_adapters, lora_dropout, lora_logical_axes, lora_shapes,
 )
 from memagent_jax.models.model_config import ModelConfig, dtype_from_name
-from memagent_jax.models.platform import HEAD_MAJOR, kv_cache_layout
+from memagent_jax.models.platform import cache_axes
 from memagent_jax.models.sharding import constrain_batch
 
 
@@ -44,10 +44,10 @@ class KVCache(NamedTuple):
 def cache_shapes(config: ModelConfig, batch: int, length: int, platform: str | None = None
                  ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Shapes of the KV cache's keys and values (`KVCache`) for `platform` (None: the target's)."""
-    L, K, hd = config.num_layers, config.num_kv_heads, config.head_dim
-    if kv_cache_layout(platform) == HEAD_MAJOR:
-        return (L, batch, K, hd, length), (L, batch, K, length, hd)
-    return (L, batch, length, K, hd), (L, batch, length, K, hd)
+    sizes = dict(layers=config.num_layers, batch=batch, kv_heads=config.num_kv_heads,
+                 head_dim=config.head_dim, cache_length=length)
+    k_axes, v_axes = cache_axes(platform)
+    return tuple(sizes[a] for a in k_axes), tuple(sizes[a] for a in v_axes)
 
 
 # Logical axes of every weight (path -> names); sharding.py maps names to mesh axes.
@@ -197,10 +197,10 @@ def write_cache(cache: jax.Array, new: jax.Array, layer: jax.Array, offset: jax.
     (no all-gather of indices or updates). Out-of-range slots clip, like dynamic_update_slice.
     """
     B = new.shape[0]
-    if kv_cache_layout() == HEAD_MAJOR:  # keys [L, B, K, hd, S], values [L, B, K, S, hd]
-        slot_axis, order = (4, (0, 2, 3, 1)) if keys else (3, (0, 2, 1, 3))
-    else:  # [L, B, S, K, hd]
-        slot_axis, order = 2, (0, 1, 2, 3)
+    axes = cache_axes()[0 if keys else 1]
+    slot_axis = axes.index("cache_length")
+    new_axes = ("batch", "cache_length", "kv_heads", "head_dim")
+    order = tuple(new_axes.index(a) for a in axes[1:])  # new in the cache's order (no layer axis)
     layers = jnp.broadcast_to(jnp.asarray(layer, jnp.int32), (B,))
     dnums = jax.lax.ScatterDimensionNumbers(
         update_window_dims=(1, 2, 3), inserted_window_dims=(0,),
