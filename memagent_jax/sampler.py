@@ -31,6 +31,7 @@ from memagent_jax.models.sharding import (
 )
 from memagent_jax.distributed import allgather_ints, from_process_local, mesh_processes, to_host
 from memagent_jax.models.attention import resolve as resolve_attention
+from memagent_jax.models.platform import per_layer_cache
 from memagent_jax.models.transformer import Decoder, KVCache
 from memagent_jax.seeds import Seed, as_key
 from memagent_jax.types import SampleOutput
@@ -142,12 +143,11 @@ def _prefill(model: Decoder, ids: jax.Array, lens: jax.Array, cache: KVCache, ch
         last, cache = carry
         start = c * chunk
         piece = jax.lax.dynamic_slice_in_dim(ids, start, chunk, axis=1)
-        hidden, cache = model.hidden_states(piece, cache=cache, cache_index=jnp.full((U,), start),
-                                            from_start=from_start)
         local = lens - 1 - start
         here = (local >= 0) & (local < chunk)
-        picked = jnp.take_along_axis(hidden, jnp.clip(local, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
-        return jnp.where(here[:, None], picked, last), cache
+        hidden, cache = model.hidden_states(piece, cache=cache, cache_index=jnp.full((U,), start),
+                                            from_start=from_start, last_index=jnp.clip(local, 0, chunk - 1))
+        return jnp.where(here[:, None], hidden[:, 0], last), cache
 
     if n_chunks == 1:
         last, cache = body(jnp.int32(0), (last, cache))
@@ -158,9 +158,10 @@ def _prefill(model: Decoder, ids: jax.Array, lens: jax.Array, cache: KVCache, ch
 
 def _program(graphdef: Any, state: Any, prompt_ids: jax.Array, prompt_lens: jax.Array,
              row_to_unique: jax.Array, row_keys: jax.Array, row_valid: jax.Array,
-             params: dict[str, jax.Array], *,
-             max_new_bucket: int, prefill_chunk: int, mesh: Any) -> tuple[jax.Array, ...]:
-    """The whole generation for one batch: prefill unique prompts, share, decode until done."""
+             params: dict[str, jax.Array], *, max_new_bucket: int, prefill_chunk: int,
+             rows_are_unique: bool, mesh: Any) -> tuple[jax.Array, ...]:
+    """The whole generation for one batch: prefill unique prompts, share, decode until done.
+    `rows_are_unique`: row r is unique prompt r (no prompt shared), so no row copies a cache."""
     STATS.compilations += 1  # runs at trace time only: counts compiled programs
     model = nnx.merge(graphdef, state)
     cfg = model.config
@@ -171,18 +172,25 @@ def _program(graphdef: Any, state: Any, prompt_ids: jax.Array, prompt_lens: jax.
     def constrain(x: jax.Array, sharding: Any) -> jax.Array:
         return x if mesh is None else jax.lax.with_sharding_constraint(x, sharding)
 
-    k_spec, v_spec = (None, None) if mesh is None else (
-        cache_sharding(mesh, DECODE_RULES, keys=True), cache_sharding(mesh, DECODE_RULES))
-    cache = KVCache.zeros(cfg, U, S)
-    cache = KVCache(constrain(cache.k, k_spec), constrain(cache.v, v_spec))
+    per_layer = per_layer_cache()
+
+    def constrain_cache(cache: KVCache) -> KVCache:
+        if mesh is None:
+            return cache
+        return cache.map(lambda x, keys: jax.lax.with_sharding_constraint(
+            x, cache_sharding(mesh, DECODE_RULES, keys=keys, per_layer=per_layer)))
+
+    cache = constrain_cache(KVCache.zeros(cfg, U, S, per_layer=per_layer))
     logits_u, cache = _prefill(model, prompt_ids, prompt_lens, cache, prefill_chunk)
     row_spec = None if mesh is None else batch_sharding(mesh, DECODE_RULES, 2)
-    cache = KVCache(constrain(cache.k[:, row_to_unique], k_spec),
-                    constrain(cache.v[:, row_to_unique], v_spec))
+    if not rows_are_unique:  # rows share prompts: each row's copy of its prompt's cache
+        cache = constrain_cache(cache.map(lambda x, keys: x[row_to_unique] if per_layer
+                                          else x[:, row_to_unique]))
     logits = constrain(logits_u[row_to_unique], row_spec)
     lens = prompt_lens[row_to_unique]
     stop_ids = params["stop_ids"]
     max_new = params["max_new_tokens"]
+    weights = model.layer_weights() if per_layer else None  # sliced once, read by every step
 
     init = dict(
         step=jnp.int32(0), cache=cache, logits=logits,
@@ -205,7 +213,8 @@ def _program(graphdef: Any, state: Any, prompt_ids: jax.Array, prompt_lens: jax.
         length = s["length"] + active.astype(jnp.int32)
         hit_stop = jnp.any(ids[:, None] == stop_ids[None, :], axis=-1)
         done = s["done"] | (active & hit_stop) | (length >= max_new)
-        hidden, cache = model.hidden_states(ids[:, None], cache=s["cache"], cache_index=lens + step)
+        hidden, cache = model.hidden_states(ids[:, None], cache=s["cache"], cache_index=lens + step,
+                                            layer_weights=weights)
         return dict(step=step + 1, cache=cache, logits=model.logits(hidden)[:, 0], tokens=tokens,
                     logps=logps, done=done, length=length)
 
@@ -214,9 +223,10 @@ def _program(graphdef: Any, state: Any, prompt_ids: jax.Array, prompt_lens: jax.
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(graphdef: Any, max_new_bucket: int, prefill_chunk: int, mesh: Any) -> Any:
+def _compiled(graphdef: Any, max_new_bucket: int, prefill_chunk: int, rows_are_unique: bool,
+              mesh: Any) -> Any:
     fn = functools.partial(_program, max_new_bucket=max_new_bucket, prefill_chunk=prefill_chunk,
-                           mesh=mesh)
+                           rows_are_unique=rows_are_unique, mesh=mesh)
     return jax.jit(fn, static_argnums=0)
 
 
@@ -339,6 +349,9 @@ def generate(
         lens[i] = len(p)
     rows = np.zeros((B,), np.int32) + first_unique
     rows[: len(prompts)] += row_to_unique
+    # one process whose rows are its unique prompts in order (the padding rows, finished from the
+    # start, then read the padding prompts' caches): the cache is used as prefilled
+    rows_are_unique = procs == 1 and U == B and row_to_unique == list(range(len(prompts)))
     row_valid = np.zeros((B,), np.int32)
     row_valid[: len(prompts)] = 1
     stops = np.full((MAX_STOP_IDS,), -1, np.int32)
@@ -357,7 +370,8 @@ def generate(
     STATS.calls += 1
     STATS.shapes.add((B, U, P, N))
     with mesh_context(mesh):
-        tokens, logps, length = _compiled(graphdef, N, chunk, mesh)(graphdef, st, *args, params)
+        tokens, logps, length = _compiled(graphdef, N, chunk, rows_are_unique, mesh)(
+            graphdef, st, *args, params)
     tokens, logps, length = (to_host(x)[first_row:first_row + B] for x in (tokens, logps, length))
 
     stop_set = set(int(e) for e in eos_ids)

@@ -45,6 +45,28 @@ def test_live_read_equals_the_whole_cache_and_ignores_slots_behind_the_live_rows
     assert not np.isnan(np.asarray(fn(q, noisy_k, noisy_v, jnp.int32(1), query_slot))).any()
 
 
+def test_a_layers_own_arrays_are_read_live_when_short_and_whole_when_long() -> None:
+    """A per-layer cache's arrays (no layer axis): reads of at most half the cache are sliced to
+    their live length, longer ones take the arrays whole (a slice is a copy); both equal the full
+    read."""
+    B, S, K, H, hd = 4, 96, 2, 4, 8
+    rng = np.random.default_rng(2)
+    kc = jnp.asarray(rng.normal(size=(B, K, hd, S)), jnp.float32)
+    vc = jnp.asarray(rng.normal(size=(B, K, S, hd)), jnp.float32)
+    fn = jax.jit(lambda q, k, v, slot: live_cache_attention(q, k, v, None, slot))
+    q = jnp.asarray(rng.normal(size=(B, 1, H, hd)), jnp.float32)
+    for last in ([5, 17, 3, 40], [95, 0, 12, 7], [50, 60, 2, 9]):
+        slot = jnp.asarray(last)[:, None]
+        np.testing.assert_allclose(fn(q, kc, vc, slot), _full(q, kc[None], vc[None], 0, slot),
+                                   rtol=1e-5, atol=1e-6)
+    # a short read (every row's last slot < 48 = S/2) does not touch the slots from 48 on ...
+    short = jnp.asarray([[5], [17], [3], [40]])
+    noisy_k, noisy_v = kc.at[..., 48:].set(jnp.nan), vc.at[:, :, 48:].set(jnp.nan)
+    np.testing.assert_allclose(fn(q, noisy_k, noisy_v, short), fn(q, kc, vc, short), rtol=1e-6)
+    # ... a long one reads the arrays whole (NaN behind the live rows reaches the products)
+    assert np.isnan(np.asarray(fn(q, noisy_k, noisy_v, jnp.asarray([[50], [1], [2], [3]])))).any()
+
+
 def test_programs_for_tpu_and_gpu_read_the_whole_layer_without_a_switch(monkeypatch) -> None:
     """The live read's lax.switch made the TPU compiler copy the whole KV cache every decode step
     (qwen2_5_7b_memagent_v5p32: 119 GiB, did not fit); for TPU/GPU the read is one fused slice

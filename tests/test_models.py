@@ -33,8 +33,12 @@ def test_logits_match_transformers(hf_checkpoints, kind):
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("per_layer", [False, True], ids=["stacked", "per_layer"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_kv_cache_prefill_then_decode_equals_full_forward(hf_checkpoints, kind):
+def test_kv_cache_prefill_then_decode_equals_full_forward(hf_checkpoints, kind, per_layer):
+    """Prefill then one-token decode over the stacked cache (scanned layers) and over a per-layer
+    cache (unrolled layers, the CPU sampler's) equal the cache-free forward; `last_index` returns
+    each row's last prompt position, the same as the full prefill's."""
     path, _ = hf_checkpoints[kind]
     model = models.from_pretrained(path)
     rng = np.random.default_rng(1)
@@ -47,12 +51,17 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(hf_checkpoints, kind):
     graphdef, state = nnx.split(model)
 
     @jax.jit
-    def run(state, tokens, cache, index):
+    def run(state, tokens, cache, index, last=None):
         m = nnx.merge(graphdef, state)
-        hidden, cache = m.hidden_states(tokens, cache=cache, cache_index=index)
+        hidden, cache = m.hidden_states(tokens, cache=cache, cache_index=index, last_index=last)
         return m.logits(hidden), cache
 
-    cache = KVCache.zeros(model.config, 2, 32)
+    cache = KVCache.zeros(model.config, 2, 32, per_layer=per_layer)
+    assert cache.per_layer == per_layer
+    picked, _ = run(state, ids[:, :9], cache, jnp.zeros(2, jnp.int32), jnp.asarray(lengths - 1))
+    assert picked.shape == (2, 1, 96)
+    for b, n in enumerate(lengths):
+        np.testing.assert_allclose(np.asarray(picked)[b, 0], full[b, n - 1], atol=1e-5)
     prefill, cache = run(state, ids[:, :9], cache, jnp.zeros(2, jnp.int32))
     prefill = np.asarray(prefill)
     for b, n in enumerate(lengths):

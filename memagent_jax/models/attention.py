@@ -269,42 +269,59 @@ def live_read_lengths(cache_len: int, buckets: int = LIVE_READ_BUCKETS) -> tuple
     return tuple(sorted({min(cache_len, step * j) for j in range(1, -(-cache_len // step) + 1)}))
 
 
-def live_cache_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array,
+def live_cache_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array | None,
                          query_slot: jax.Array) -> jax.Array:
     """Attention of new queries over layer `layer` of the stacked KV cache (`KVCache`, in the
-    target's layout: models/platform.py), the queries' own keys already written. q [B,T,H,hd];
-    query_slot [B,T]: query t of row b attends to slots <= query_slot[b, t] -> [B,T,H*hd].
+    target's layout: models/platform.py), or over one layer's arrays with `layer` None (a
+    per-layer cache), the queries' own keys already written. q [B,T,H,hd]; query_slot [B,T]:
+    query t of row b attends to slots <= query_slot[b, t] -> [B,T,H*hd].
 
     On CPU (head-major cache) the keys read are the first R slots, R the smallest of
     `live_read_lengths(S)` above every row's last query slot: a `lax.switch` over those static
-    lengths, each branch slicing its length straight from the stacked cache (one copy), so the
-    program has static shapes and a decode step reads the cache up to the longest live row
-    (rounded to S/8), not the padding of the prompt bucket and the new-token budget behind it.
+    lengths, each branch slicing its length from the cache, so the program has static shapes and
+    a decode step reads the cache up to the longest live row (rounded to S/8), not the padding of
+    the prompt bucket and the new-token budget behind it. A slice is a copy (XLA:CPU's matmuls
+    take whole buffers): from a stacked cache every read copies anyway (the layer's slice), so
+    every length is a branch; from a layer's own arrays the copy is made only for R <= S/2 and
+    longer reads take the arrays whole, uncopied (a copied read moves ~3R bytes per slot against
+    S: bench/sampler.py's decode step, live reads of 288-384 of 384 slots, 3.8 ms with copies,
+    3.2 without).
     For TPU or GPU (slot-major cache) the read is the whole layer, fused: the switch made the
     compiler copy the cache every step (tests/test_live_cache_attention.py checks there is none).
     """
     zero = jnp.int32(0)
+    per_layer = layer is None
     if kv_cache_layout() != HEAD_MAJOR:
         # qwen2_5_7b_memagent_v5p32's decode: 62.9 GiB of temporaries with the stacked cache as a
         # switch operand, 23.0 with the layer's slice, 1.2 reading it whole and fused.
-        _, B, S, K, hd = k_cache.shape
-        k = jax.lax.dynamic_slice(k_cache, (layer, zero, zero, zero, zero), (1, B, S, K, hd))[0]
-        v = jax.lax.dynamic_slice(v_cache, (layer, zero, zero, zero, zero), (1, B, S, K, hd))[0]
-        mask = jnp.arange(S, dtype=jnp.int32)[None, None, :] <= query_slot[:, :, None]
+        if per_layer:
+            k, v = k_cache, v_cache
+        else:
+            _, B, S, K, hd = k_cache.shape
+            k = jax.lax.dynamic_slice(k_cache, (layer, zero, zero, zero, zero), (1, B, S, K, hd))[0]
+            v = jax.lax.dynamic_slice(v_cache, (layer, zero, zero, zero, zero), (1, B, S, K, hd))[0]
+        mask = jnp.arange(k.shape[1], dtype=jnp.int32)[None, None, :] <= query_slot[:, :, None]
         return xla_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
-    _, B, K, hd, S = k_cache.shape
+    B, K, hd, S = k_cache.shape[-4:]
     lengths = live_read_lengths(S)
+    if per_layer:
+        lengths = tuple(n for n in lengths if 2 * n <= S) + (S,)
 
     def read(length: int) -> Any:
         def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array) -> jax.Array:
-            k = jax.lax.dynamic_slice(k_cache, (layer, zero, zero, zero, zero), (1, B, K, hd, length))[0]
-            v = jax.lax.dynamic_slice(v_cache, (layer, zero, zero, zero, zero), (1, B, K, length, hd))[0]
+            if per_layer and length == S:
+                k, v = k_cache, v_cache
+            elif per_layer:
+                k, v = k_cache[..., :length], v_cache[:, :, :length]
+            else:
+                k = jax.lax.dynamic_slice(k_cache, (layer, zero, zero, zero, zero), (1, B, K, hd, length))[0]
+                v = jax.lax.dynamic_slice(v_cache, (layer, zero, zero, zero, zero), (1, B, K, length, hd))[0]
             mask = jnp.arange(length, dtype=jnp.int32)[None, None, :] <= query_slot[:, :, None]
             return head_major_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask,
                                         keys_transposed=True)
         return attend
 
-    if len(lengths) == 1:  # a short cache: no switch
+    if len(lengths) == 1:  # a short cache, or only long reads: no switch
         return read(lengths[0])(q, k_cache, v_cache)
     need = jnp.max(query_slot) + 1
     index = jnp.minimum(jnp.searchsorted(jnp.asarray(lengths, jnp.int32), need), len(lengths) - 1)

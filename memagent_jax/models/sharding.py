@@ -150,11 +150,13 @@ def activation_sharding(mesh: Mesh, rules: Rules = TRAIN_RULES) -> NamedSharding
     return NamedSharding(mesh, logical_to_spec(("batch", "length", None), rules))
 
 
-def cache_sharding(mesh: Mesh, rules: Rules = DECODE_RULES, *, keys: bool = False) -> NamedSharding:
-    """The KV cache's values (`keys`: keys) in the mesh platform's layout (models/platform.py)."""
+def cache_sharding(mesh: Mesh, rules: Rules = DECODE_RULES, *, keys: bool = False,
+                   per_layer: bool = False) -> NamedSharding:
+    """The KV cache's values (`keys`: keys) in the mesh platform's layout (models/platform.py);
+    `per_layer`: one layer's array of a per-layer cache (no layers axis)."""
     from memagent_jax.models.platform import cache_axes, mesh_platform
 
-    names = cache_axes(mesh_platform(mesh))[0 if keys else 1]
+    names = cache_axes(mesh_platform(mesh))[0 if keys else 1][(1 if per_layer else 0):]
     return NamedSharding(mesh, logical_to_spec(names, rules))
 
 

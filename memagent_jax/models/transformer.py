@@ -29,16 +29,34 @@ from memagent_jax.models.sharding import constrain_batch
 class KVCache(NamedTuple):
     """Keys and values of every layer in the target platform's layout (models/platform.py):
     on CPU k [layers, batch, kv_heads, head_dim, slots], v [layers, batch, kv_heads, slots,
-    head_dim]; on TPU/GPU both [layers, batch, slots, kv_heads, head_dim] (`cache_shapes`)."""
+    head_dim]; on TPU/GPU both [layers, batch, slots, kv_heads, head_dim] (`cache_shapes`).
+    Per layer (`per_layer`, the CPU sampler's): k and v are tuples of one array per layer, the
+    same shapes without the leading layers axis, and the forward unrolls its layers over them."""
 
-    k: jax.Array
-    v: jax.Array
+    k: Any
+    v: Any
 
     @classmethod
-    def zeros(cls, config: ModelConfig, batch: int, length: int, dtype: Any = None) -> "KVCache":
+    def zeros(cls, config: ModelConfig, batch: int, length: int, dtype: Any = None, *,
+              per_layer: bool = False) -> "KVCache":
         dtype = dtype or dtype_from_name(config.dtype)
         k_shape, v_shape = cache_shapes(config, batch, length)
+        if per_layer:
+            return cls(tuple(jnp.zeros(k_shape[1:], dtype) for _ in range(k_shape[0])),
+                       tuple(jnp.zeros(v_shape[1:], dtype) for _ in range(v_shape[0])))
         return cls(jnp.zeros(k_shape, dtype), jnp.zeros(v_shape, dtype))
+
+    @property
+    def per_layer(self) -> bool:
+        """True when k and v are tuples of one array per layer."""
+        return isinstance(self.k, (tuple, list))
+
+    def map(self, fn: Any) -> "KVCache":
+        """`fn` applied to every array (keys then values, every layer's when per layer) with a
+        `keys` flag: fn(array, keys) -> array."""
+        if self.per_layer:
+            return KVCache(tuple(fn(x, True) for x in self.k), tuple(fn(x, False) for x in self.v))
+        return KVCache(fn(self.k, True), fn(self.v, False))
 
 
 def cache_shapes(config: ModelConfig, batch: int, length: int, platform: str | None = None
@@ -185,11 +203,11 @@ def _linear_bwd(res: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Ar
 linear.defvjp(_linear_fwd, _linear_bwd)
 
 
-def write_cache(cache: jax.Array, new: jax.Array, layer: jax.Array, offset: jax.Array, *,
+def write_cache(cache: jax.Array, new: jax.Array, layer: Any, offset: jax.Array, *,
                 keys: bool = False) -> jax.Array:
-    """Writes new [B, T, K, hd] into the stacked cache (`KVCache`'s keys if `keys`, else its
-    values, in the target's layout) at `layer`, slots
-    offset[b] ... offset[b] + T - 1 of row b.
+    """Writes new [B, T, K, hd] into the cache's keys (`keys`) or values (target's layout) at
+    slots offset[b] ... offset[b] + T - 1 of row b: into layer `layer` of the stacked cache, or,
+    with `layer` None, into one layer's array (a per-layer cache, `KVCache.per_layer`).
 
     One scatter of only the new entries, in place in a loop carry: copying the [B, S, K, hd]
     layer slice, updating it and writing it back made the CPU sampler ~1.6x slower end to end.
@@ -197,17 +215,24 @@ def write_cache(cache: jax.Array, new: jax.Array, layer: jax.Array, offset: jax.
     (no all-gather of indices or updates). Out-of-range slots clip, like dynamic_update_slice.
     """
     B = new.shape[0]
-    axes = cache_axes()[0 if keys else 1]
+    axes = cache_axes()[0 if keys else 1][(1 if layer is None else 0):]
     slot_axis = axes.index("cache_length")
     new_axes = ("batch", "cache_length", "kv_heads", "head_dim")
-    order = tuple(new_axes.index(a) for a in axes[1:])  # new in the cache's order (no layer axis)
-    layers = jnp.broadcast_to(jnp.asarray(layer, jnp.int32), (B,))
-    dnums = jax.lax.ScatterDimensionNumbers(
-        update_window_dims=(1, 2, 3), inserted_window_dims=(0,),
-        scatter_dims_to_operand_dims=(0, slot_axis), operand_batching_dims=(1,),
-        scatter_indices_batching_dims=(0,))
-    indices = jnp.stack([layers, offset.astype(jnp.int32)], axis=-1)  # [B, 2]: (layer, slot)
+    order = tuple(new_axes.index(a) for a in axes if a != "layers")  # new in the cache's order
     update = new.astype(cache.dtype).transpose(order)  # [B, ...] in the cache's order
+    offset = offset.astype(jnp.int32)
+    if layer is None:  # indices [B, 1]: the slot
+        dnums = jax.lax.ScatterDimensionNumbers(
+            update_window_dims=(1, 2, 3), inserted_window_dims=(),
+            scatter_dims_to_operand_dims=(slot_axis,), operand_batching_dims=(0,),
+            scatter_indices_batching_dims=(0,))
+        indices = offset[:, None]
+    else:  # indices [B, 2]: (layer, slot)
+        dnums = jax.lax.ScatterDimensionNumbers(
+            update_window_dims=(1, 2, 3), inserted_window_dims=(0,),
+            scatter_dims_to_operand_dims=(0, slot_axis), operand_batching_dims=(1,),
+            scatter_indices_batching_dims=(0,))
+        indices = jnp.stack([jnp.broadcast_to(jnp.asarray(layer, jnp.int32), (B,)), offset], axis=-1)
     return jax.lax.scatter(cache, indices, update, dnums,
                            indices_are_sorted=True, unique_indices=True,
                            mode=jax.lax.GatherScatterMode.CLIP)
@@ -270,6 +295,8 @@ class Decoder(nnx.Module):
         cache_index: jax.Array | None = None,
         from_start: bool = False,
         dropout_rng: jax.Array | None = None,
+        last_index: jax.Array | None = None,
+        layer_weights: list[dict[str, jax.Array]] | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Runs the blocks; returns final-normed hidden states [B, T, D] and the updated cache.
 
@@ -282,6 +309,13 @@ class Decoder(nnx.Module):
         `model.attention`, as without a cache (a whole-prompt prefill with a flash kernel).
         `dropout_rng` (training forwards only): applies the LoRA adapters' dropout
         (model.lora.dropout; without adapters or at rate 0 it changes nothing).
+        `last_index` [B] (a prefill's last prompt tokens): returns only position last_index[b]
+        of row b, [B, 1, D]; with a per-layer cache the last layer then runs its attention
+        queries, output projection and MLP for those positions only (the other positions' last
+        layer feeds nothing but their keys and values, written before).
+        A per-layer cache (`KVCache.per_layer`) unrolls the layers over its arrays, reading each
+        layer's weights from `layer_weights` (`Decoder.layer_weights()`, computed once outside
+        a decode loop so no step slices the stacked weights) or slicing them here.
         """
         cfg = self.config
         dtype = dtype_from_name(cfg.dtype)
@@ -291,11 +325,6 @@ class Decoder(nnx.Module):
             positions = offset[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
         x = constrain_batch(self.embed[...][input_ids].astype(dtype))
         inv_freq = jnp.asarray(rope_inv_freq(cfg))
-        layer_params = {
-            path.split("/", 1)[1]: getattr(self.layers, path.split("/", 1)[1])[...]
-            for path in param_logical_axes(cfg) if path.startswith("layers/")
-        }
-
         mask = jnp.tril(jnp.ones((T, T), bool))[None].repeat(B, axis=0)  # causal over the T new
         query_slot = offset[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
 
@@ -303,7 +332,7 @@ class Decoder(nnx.Module):
         lora = cfg.lora
         dropping = lora is not None and lora.dropout > 0 and dropout_rng is not None
 
-        def proj(x: jax.Array, p: dict[str, jax.Array], name: str, layer: jax.Array) -> jax.Array:
+        def proj(x: jax.Array, p: dict[str, jax.Array], name: str, layer: Any) -> jax.Array:
             """x @ W, plus (alpha/rank) (dropout(x) @ A) @ B when `name` carries an adapter (lora.py)."""
             y = mm(x, p[name].astype(dtype))
             if lora is not None and name in lora.targets:
@@ -312,10 +341,15 @@ class Decoder(nnx.Module):
                 y = y + mm(low, p[f"{name}_lora_b"].astype(dtype)) * jnp.asarray(lora.scale, dtype)
             return y
 
-        def block(carry: Any, xs: Any) -> tuple[Any, None]:
+        def pick(a: jax.Array) -> jax.Array:  # [B, T, ...] -> [B, 1, ...] at last_index
+            idx = last_index.astype(jnp.int32).reshape((B, 1) + (1,) * (a.ndim - 2))
+            return jnp.take_along_axis(a, idx, axis=1)
+
+        def block(carry: Any, xs: Any, last_only: bool = False) -> tuple[Any, None]:
             h, ck, cv = carry
             h = constrain_batch(h)  # the layer's input keeps the batch sharding (sharding.py)
             p, i = xs
+            cache_layer = None if isinstance(i, int) else i  # per-layer arrays: no layer axis
             a = rms_norm(h, p["input_norm"], cfg.rms_norm_eps)
             q, k, v = proj(a, p, "q_proj", i), proj(a, p, "k_proj", i), proj(a, p, "v_proj", i)
             if cfg.qkv_bias:
@@ -330,23 +364,51 @@ class Decoder(nnx.Module):
             k = apply_rope(k, positions, inv_freq)
             v = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
             if ck is not None:
-                ck, cv = write_cache(ck, k, i, offset, keys=True), write_cache(cv, v, i, offset)
-            if ck is None or from_start:  # causal over these T tokens: model.attention's kernel
+                ck = write_cache(ck, k, cache_layer, offset, keys=True)
+                cv = write_cache(cv, v, cache_layer, offset)
+            if last_only:  # only the picked queries go on (the keys and values are all written)
+                h, q = pick(h), pick(q)
+                if ck is None or from_start:
+                    idx = last_index.astype(jnp.int32)[:, None, None]
+                    att = xla_attention(q, k, v, jnp.arange(T)[None, None, :] <= idx)
+                else:
+                    att = live_cache_attention(q, ck, cv, cache_layer, pick(query_slot))
+            elif ck is None or from_start:  # causal over these T tokens: model.attention's kernel
                 att = causal_attention(q, k, v, mask, cfg.attention)
             else:  # prefill / decode over the cache's live part: per-row offsets, materialised
-                att = live_cache_attention(q, ck, cv, i, query_slot)
+                att = live_cache_attention(q, ck, cv, cache_layer, query_slot)
             h = h + proj(att, p, "o_proj", i)
             m = rms_norm(h, p["post_norm"], cfg.rms_norm_eps)
             gated = jax.nn.silu(proj(m, p, "gate_proj", i)) * proj(m, p, "up_proj", i)
             h = constrain_batch(h + proj(gated, p, "down_proj", i))
             return (h, ck, cv), None
 
+        if cache is not None and cache.per_layer:  # unrolled over the layers' own arrays
+            weights = layer_weights if layer_weights is not None else self.layer_weights()
+            ks, vs = list(cache.k), list(cache.v)
+            for i in range(cfg.num_layers):
+                last_only = last_index is not None and i == cfg.num_layers - 1
+                (x, ks[i], vs[i]), _ = block((x, ks[i], vs[i]), (weights[i], i), last_only)
+            return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps), KVCache(tuple(ks), tuple(vs))
         carry = (x, None if cache is None else cache.k, None if cache is None else cache.v)
         layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        (x, ck, cv), _ = jax.lax.scan(_remat(block, cfg.remat), carry, (layer_params, layer_ids),
+        (x, ck, cv), _ = jax.lax.scan(_remat(block, cfg.remat), carry, (self._stacked_weights(), layer_ids),
                                       unroll=1 if cfg.scan_layers else True)
+        if last_index is not None:
+            x = pick(x)
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
         return x, (None if cache is None else KVCache(ck, cv))
+
+    def _stacked_weights(self) -> dict[str, jax.Array]:
+        """The decoder blocks' weights by name, each stacked over the layers."""
+        return {path.split("/", 1)[1]: getattr(self.layers, path.split("/", 1)[1])[...]
+                for path in param_logical_axes(self.config) if path.startswith("layers/")}
+
+    def layer_weights(self) -> list[dict[str, jax.Array]]:
+        """Each layer's weights by name (static slices of the stacked weights): computed once
+        before a decode loop, the loop's steps read them in place (a per-layer cache's forward)."""
+        stacked = self._stacked_weights()
+        return [{name: w[i] for name, w in stacked.items()} for i in range(self.config.num_layers)]
 
 
 def init_model(config: ModelConfig, seed: int = 0) -> Decoder:
