@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from memagent_jax.engine_slots import slot_shardings
-from memagent_jax.models.platform import cache_axes
+from memagent_jax.engine_slots import cache_slots, slot_shardings, slots_cache
+from memagent_jax.models.platform import cache_axes, per_layer_cache
 from memagent_jax.models.sharding import DECODE_RULES, cache_sharding
 from memagent_jax.models.transformer import KVCache
 from memagent_jax.sampler import _argmax, _prefill, filter_logits
@@ -90,27 +90,39 @@ def _prefill_program(graphdef: Any, state: Any, slots: dict[str, jax.Array], ids
     STATS.compilations += 1  # trace time only
     model = nnx.merge(graphdef, state)
     U, P = ids.shape
-    cache = KVCache.zeros(model.config, U, P)
+    per_layer = per_layer_cache()
+    cache = KVCache.zeros(model.config, U, P, per_layer=per_layer)
     if mesh is not None:  # the prompts' cache split like the slots' (else XLA may replicate it)
-        cache = KVCache(*(jax.lax.with_sharding_constraint(x, cache_sharding(mesh, DECODE_RULES, keys=keys))
-                          for x, keys in zip(cache, (True, False))))
+        cache = cache.map(lambda x, keys: jax.lax.with_sharding_constraint(
+            x, cache_sharding(mesh, DECODE_RULES, keys=keys, per_layer=per_layer)))
     logits_u, cache = _prefill(model, ids, lens, cache, chunk)
     out = dict(slots)
     put = lambda a, v: a.at[slot_idx].set(v, mode="drop")  # noqa: E731
-    specs = (None, None) if mesh is None else tuple(cache_sharding(mesh, DECODE_RULES, keys=keys)
-                                                     for keys in (True, False))
+    specs = (None, None) if mesh is None else tuple(
+        cache_sharding(mesh, DECODE_RULES, keys=keys, per_layer=per_layer) for keys in (True, False))
 
-    def insert(layer: jax.Array, kv: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        # one layer at a time: the rows gathered for the scatter into other devices' slots are
-        # one layer's (all-gathered rows x prompt), not every layer's (7 GiB for Qwen2.5-7B at 64 rows)
-        k_at, v_at = ((layer, slot_idx) + tuple(slice(0, P) if a == "cache_length" else slice(None)
-                                               for a in axes[2:]) for axes in cache_axes())
-        out_kv = (kv[0].at[k_at].set(cache.k[layer][row_to_unique], mode="drop"),
-                  kv[1].at[v_at].set(cache.v[layer][row_to_unique], mode="drop"))
-        return tuple(x if spec is None else jax.lax.with_sharding_constraint(x, spec)
-                     for x, spec in zip(out_kv, specs))
+    def into_slots(slot_cache: jax.Array, prompts: jax.Array, axes: tuple[str, ...], layer: Any,
+                   spec: Any) -> jax.Array:
+        at = ((slot_idx,) if layer is None else (layer, slot_idx)) + tuple(
+            slice(0, P) if a == "cache_length" else slice(None) for a in axes[2:])
+        x = slot_cache.at[at].set(prompts[row_to_unique], mode="drop")
+        return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
 
-    out["k"], out["v"] = jax.lax.fori_loop(0, model.config.num_layers, insert, (slots["k"], slots["v"]))
+    k_axes, v_axes = cache_axes()
+    if per_layer:  # each layer's own arrays
+        slot_cache = slots_cache(slots, model.config.num_layers)
+        filled = KVCache(
+            tuple(into_slots(a, c, k_axes, None, specs[0]) for a, c in zip(slot_cache.k, cache.k)),
+            tuple(into_slots(a, c, v_axes, None, specs[1]) for a, c in zip(slot_cache.v, cache.v)))
+        out.update(cache_slots(filled))
+    else:
+        def insert(layer: jax.Array, kv: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+            # one layer at a time: the rows gathered for the scatter into other devices' slots are
+            # one layer's (all-gathered rows x prompt), not every layer's (7 GiB for Qwen2.5-7B at 64 rows)
+            return (into_slots(kv[0], cache.k[layer], k_axes, layer, specs[0]),
+                    into_slots(kv[1], cache.v[layer], v_axes, layer, specs[1]))
+
+        out["k"], out["v"] = jax.lax.fori_loop(0, model.config.num_layers, insert, (slots["k"], slots["v"]))
     out["logits"] = put(slots["logits"], logits_u[row_to_unique])
     out["plen"] = put(slots["plen"], lens[row_to_unique])
     out["step"] = put(slots["step"], jnp.zeros_like(slot_idx))
@@ -130,6 +142,9 @@ def _decode_program(graphdef: Any, state: Any, slots: dict[str, jax.Array],
     model = nnx.merge(graphdef, state)
     S, W = slots["tokens"].shape
     rows = jnp.arange(S)
+    L = model.config.num_layers
+    # a per-layer cache's layers read their weights sliced once here, not at every step
+    weights = model.layer_weights() if slots_cache(slots, L).per_layer else None
 
     def cond(c: tuple[jax.Array, jax.Array, dict[str, jax.Array]]) -> jax.Array:
         i, finished, s = c
@@ -148,9 +163,9 @@ def _decode_program(graphdef: Any, state: Any, slots: dict[str, jax.Array],
         new_step = step + active.astype(jnp.int32)
         hit_stop = jnp.any(ids[:, None] == s["stop_ids"], axis=-1)
         finished = active & (hit_stop | (new_step >= s["max_new"]))
-        hidden, cache = model.hidden_states(ids[:, None], cache=KVCache(s["k"], s["v"]),
-                                            cache_index=s["plen"] + step)
-        s["k"], s["v"] = cache.k, cache.v
+        hidden, cache = model.hidden_states(ids[:, None], cache=slots_cache(s, L),
+                                            cache_index=s["plen"] + step, layer_weights=weights)
+        s.update(cache_slots(cache))
         s["logits"] = model.logits(hidden)[:, 0]
         s["step"], s["active"] = new_step, active & ~finished
         occupancy = s.pop("occupancy") + jnp.sum(active.astype(jnp.int32))
