@@ -324,5 +324,6 @@ def live_cache_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, l
     if len(lengths) == 1:  # a short cache, or only long reads: no switch
         return read(lengths[0])(q, k_cache, v_cache)
     need = jnp.max(query_slot) + 1
-    index = jnp.minimum(jnp.searchsorted(jnp.asarray(lengths, jnp.int32), need), len(lengths) - 1)
+    # the first length >= need: a count, not searchsorted (its loop ran inside every decode step)
+    index = jnp.minimum(jnp.sum(jnp.asarray(lengths, jnp.int32) < need), len(lengths) - 1)
     return jax.lax.switch(index, [read(n) for n in lengths], q, k_cache, v_cache)
