@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from memagent_jax.distributed import allgather_ints, from_process_local, mesh_processes, process_offsets
+from memagent_jax.models.attention import live_read_lengths
 from memagent_jax.engine_programs import (  # noqa: F401  (STATS, compile_count, the programs: public here)
     STATS, EngineStats, _jitted_decode, _jitted_prefill, _take_rows, compile_count,
 )
@@ -128,6 +129,7 @@ class Engine:
         self.graphdef, self.state = state if state is not None else decode_state(model, mesh)
         self._queue: collections.deque[tuple[int, Request]] = collections.deque()
         self._slot_owner: list[int | None] = [None] * self.local_slots  # local slot -> request id
+        self._live = np.zeros((self.local_slots,), np.int64)  # each slot's cache length so far
         self._requests: dict[int, Request] = {}
         self._next_id = 0
         self._counts = dict(prefill_calls=0, decode_calls=0, decode_steps=0, active_slot_steps=0,
@@ -219,6 +221,7 @@ class Engine:
         for j, (rid, r) in enumerate(batch):
             slot = free[j]
             self._slot_owner[slot] = rid
+            self._live[slot] = len(r.prompt)
             slot_idx[j] = self.first_slot + slot
             new["keys"][j] = np.asarray(r.key, np.uint32).reshape(2)
             new["temperature"][j], new["top_p"][j], new["top_k"][j] = r.temperature, r.top_p, r.top_k
@@ -264,6 +267,9 @@ class Engine:
     def _collect(self) -> list[Result]:
         """Frees the slots whose request finished; returns their results."""
         active, step = self._local_rows(("active", "step"))
+        for s, owner in enumerate(self._slot_owner):  # prompt + tokens so far (a new slot: step 0)
+            if owner is not None:
+                self._live[s] = len(self._requests[owner].prompt) + int(step[s])
         done = [s for s, o in enumerate(self._slot_owner) if o is not None and not active[s]]
         if not done:
             return []
@@ -287,6 +293,17 @@ class Engine:
         return dict(c, slots=self.num_slots, max_len=self.max_len,
                     occupancy=c["active_slot_steps"] / max(1, c["decode_steps"] * self.num_slots))
 
+    def _read_len(self) -> int | None:
+        """The cache slots the next decode call can reach, rounded up to `live_read_lengths`
+        (one program per length), for a per-layer cache on one process; None: the whole cache.
+        Every occupied slot's length so far plus the call's `decode_steps` bounds it."""
+        if self.procs > 1 or "k" in self._slots:
+            return None
+        occupied = [self._live[s] for s, o in enumerate(self._slot_owner) if o is not None]
+        need = max(occupied, default=0) + self.decode_steps
+        length = next((n for n in live_read_lengths(self.max_len) if n >= need), self.max_len)
+        return None if length >= self.max_len else length
+
     def run(self) -> Iterator[Result]:
         """Yields results as requests finish, until nothing is queued or running (multi-host:
         on any process; a process with no work left still joins every call)."""
@@ -300,7 +317,7 @@ class Engine:
             refill_at = np.int32(min(queued, self.refill_batch))
             STATS.decode_calls += 1
             with mesh_context(self.mesh):
-                self._slots, info = _jitted_decode(self.decode_steps, self.mesh)(
+                self._slots, info = _jitted_decode(self.decode_steps, self.mesh, self._read_len())(
                     self.graphdef, self.state, self._slots, self.vocab_limit, refill_at)
             waited = time.perf_counter()
             iters, occupied = (int(x) for x in np.asarray(info.addressable_data(0)))  # replicated

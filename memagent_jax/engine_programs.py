@@ -133,18 +133,26 @@ def _prefill_program(graphdef: Any, state: Any, slots: dict[str, jax.Array], ids
 
 
 def _decode_program(graphdef: Any, state: Any, slots: dict[str, jax.Array],
-                    vocab_limit: jax.Array, refill_at: jax.Array, *, steps: int, mesh: Any
-                    ) -> tuple[dict[str, jax.Array], jax.Array]:
+                    vocab_limit: jax.Array, refill_at: jax.Array, *, steps: int, mesh: Any,
+                    read_len: int | None = None) -> tuple[dict[str, jax.Array], jax.Array]:
     """Advances every active slot by up to `steps` tokens; returns the slots and the iterations
     run. Stops after the iteration in which the `refill_at`-th slot finishes (0: never early),
-    so the host refills freed slots in batches rather than one program call per finished row."""
+    so the host refills freed slots in batches rather than one program call per finished row.
+    `read_len` (a per-layer cache): no active row reaches slot `read_len` in this call, so the
+    steps run on the first `read_len` slots of each layer's cache, cut once and written back once
+    (a step's attention then reads its layer's arrays whole, uncopied, only up to `read_len`)."""
     STATS.compilations += 1
     model = nnx.merge(graphdef, state)
     S, W = slots["tokens"].shape
     rows = jnp.arange(S)
     L = model.config.num_layers
+    full = slots_cache(slots, L)
     # a per-layer cache's layers read their weights sliced once here, not at every step
-    weights = model.layer_weights() if slots_cache(slots, L).per_layer else None
+    weights = model.layer_weights() if full.per_layer else None
+    slot_axis = [axes[1:].index("cache_length") for axes in cache_axes()]  # keys', values'
+    if read_len is not None and full.per_layer:
+        slots = dict(slots) | cache_slots(full.map(
+            lambda x, keys: jax.lax.slice_in_dim(x, 0, read_len, axis=slot_axis[0 if keys else 1])))
 
     def cond(c: tuple[jax.Array, jax.Array, dict[str, jax.Array]]) -> jax.Array:
         i, finished, s = c
@@ -175,6 +183,12 @@ def _decode_program(graphdef: Any, state: Any, slots: dict[str, jax.Array],
     slots = dict(slots, occupancy=jnp.int32(0))
     i, _, out = jax.lax.while_loop(cond, body, (jnp.int32(0), jnp.int32(0), slots))
     occupancy = out.pop("occupancy")
+    if read_len is not None and full.per_layer:  # the live part back into the whole cache
+        cut = slots_cache(out, L)
+        back = lambda whole, part, axis: jax.lax.dynamic_update_slice_in_dim(whole, part, 0, axis)  # noqa: E731
+        out.update(cache_slots(KVCache(
+            tuple(back(w, c, slot_axis[0]) for w, c in zip(full.k, cut.k)),
+            tuple(back(w, c, slot_axis[1]) for w, c in zip(full.v, cut.v)))))
     return _constrain(out, mesh), jnp.stack([i, occupancy])
 
 
@@ -191,9 +205,9 @@ def _jitted_prefill(chunk: int, mesh: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted_decode(steps: int, mesh: Any) -> Any:
-    return jax.jit(functools.partial(_decode_program, steps=steps, mesh=mesh), static_argnums=0,
-                   donate_argnums=2)
+def _jitted_decode(steps: int, mesh: Any, read_len: int | None = None) -> Any:
+    return jax.jit(functools.partial(_decode_program, steps=steps, mesh=mesh, read_len=read_len),
+                   static_argnums=0, donate_argnums=2)
 
 
 # ------------------------------------------------------------------------------------ the engine
