@@ -8,7 +8,8 @@ programs act on it (a prefill/insert + generate split, as in JetStream):
 - decode: advances every active slot for up to `decode_steps` tokens inside one
   `lax.while_loop`, returning early once `refill_batch` slots have finished while requests
   are waiting (an eighth of the slots by default: one refill per finished row made host work,
-  not decoding, most of a rollout's time).
+  not decoding, most of a rollout's time). On a per-layer cache (CPU, one process) a call runs
+  on each layer's cache cut to the slots it can reach (`Engine._read_len`).
 
 The programs are in engine_programs.py; this module is the host side. Between programs the host
 returns finished rows and refills their slots. Each request samples
@@ -96,8 +97,9 @@ class Engine:
     (more requests may be submitted while iterating). Ids >= `vocab_limit` are never sampled.
     On a `mesh` (one process), slots are split over the decode batch axes (their count rounded
     up to a multiple of the batch shards) and weights laid out by the decode rules.
-    Programs compiled: one decode program per (slots, max_len, decode_steps) and one prefill
-    program per (batch bucket, unique-prompt bucket, prompt-length bucket).
+    Programs compiled: one decode program per (slots, max_len, decode_steps, and on a per-layer
+    cache the read length: one of `live_read_lengths(max_len)`) and one prefill program per
+    (batch bucket, unique-prompt bucket, prompt-length bucket).
     On a mesh over several processes, `slots` is per process (see the module docstring).
     """
 

@@ -73,6 +73,20 @@ def test_engine_equals_sampler_ragged_mixed_lengths_refilled_slots(model, sampli
         assert reasons == {"eos", "length"}  # both kinds of finish exercised
 
 
+def test_decode_reads_only_the_slots_a_call_can_reach(model, monkeypatch):
+    """On a per-layer cache (CPU) each decode call runs on each layer's cache cut to the longest
+    occupied slot plus the call's steps (rounded up to live_read_lengths), growing as the rows
+    do; the outputs stay the sampler's."""
+    cuts = []
+    bound = eng.Engine._read_len
+    monkeypatch.setattr(eng.Engine, "_read_len", lambda self: cuts.append(bound(self)) or cuts[-1])
+    prompts, max_news = _prompts(11, [5, 40, 9, 3]), [6, 30, 12, 20]
+    got, _ = _run_engine(model, prompts, max_news, slots=2, seed=2, temperature=1.0)
+    _assert_same(got, _reference(model, prompts, max_news, seed=2, temperature=1.0))
+    assert cuts[0] == 48  # the 40-token prompt + 8 steps, of a 96-slot cache
+    assert len(set(cuts)) > 1 and all(c is None or c < 96 for c in cuts), cuts
+
+
 def test_refill_batch_changes_the_calls_not_the_outputs(model):
     """A decode call returns once `refill_batch` slots finished (while requests wait): larger
     batches mean fewer, larger refills; every request's tokens stay the sampler's."""
