@@ -21,7 +21,7 @@ from flax import nnx
 
 from memagent_jax.engine_slots import cache_slots, slot_shardings, slots_cache
 from memagent_jax.models.platform import cache_axes, per_layer_cache
-from memagent_jax.models.sharding import DECODE_RULES, cache_sharding
+from memagent_jax.models.sharding import DECODE_RULES, cache_sharding, constrain_cache
 from memagent_jax.models.transformer import KVCache
 from memagent_jax.sampler import _argmax, _prefill, filter_logits
 
@@ -91,10 +91,8 @@ def _prefill_program(graphdef: Any, state: Any, slots: dict[str, jax.Array], ids
     model = nnx.merge(graphdef, state)
     U, P = ids.shape
     per_layer = per_layer_cache()
-    cache = KVCache.zeros(model.config, U, P, per_layer=per_layer)
-    if mesh is not None:  # the prompts' cache split like the slots' (else XLA may replicate it)
-        cache = cache.map(lambda x, keys: jax.lax.with_sharding_constraint(
-            x, cache_sharding(mesh, DECODE_RULES, keys=keys, per_layer=per_layer)))
+    # the prompts' cache split like the slots' (else XLA may replicate it)
+    cache = constrain_cache(KVCache.zeros(model.config, U, P, per_layer=per_layer), mesh)
     logits_u, cache = _prefill(model, ids, lens, cache, chunk)
     out = dict(slots)
     put = lambda a, v: a.at[slot_idx].set(v, mode="drop")  # noqa: E731

@@ -26,7 +26,7 @@ from memagent_jax.models.sharding import (
     DECODE_RULES,
     batch_multiple,
     batch_sharding,
-    cache_sharding,
+    constrain_cache,
     param_shardings,
 )
 from memagent_jax.distributed import allgather_ints, from_process_local, mesh_processes, to_host
@@ -174,18 +174,12 @@ def _program(graphdef: Any, state: Any, prompt_ids: jax.Array, prompt_lens: jax.
 
     per_layer = per_layer_cache()
 
-    def constrain_cache(cache: KVCache) -> KVCache:
-        if mesh is None:
-            return cache
-        return cache.map(lambda x, keys: jax.lax.with_sharding_constraint(
-            x, cache_sharding(mesh, DECODE_RULES, keys=keys, per_layer=per_layer)))
-
-    cache = constrain_cache(KVCache.zeros(cfg, U, S, per_layer=per_layer))
+    cache = constrain_cache(KVCache.zeros(cfg, U, S, per_layer=per_layer), mesh)
     logits_u, cache = _prefill(model, prompt_ids, prompt_lens, cache, prefill_chunk)
     row_spec = None if mesh is None else batch_sharding(mesh, DECODE_RULES, 2)
     if not rows_are_unique:  # rows share prompts: each row's copy of its prompt's cache
         cache = constrain_cache(cache.map(lambda x, keys: x[row_to_unique] if per_layer
-                                          else x[:, row_to_unique]))
+                                          else x[:, row_to_unique]), mesh)
     logits = constrain(logits_u[row_to_unique], row_spec)
     lens = prompt_lens[row_to_unique]
     stop_ids = params["stop_ids"]

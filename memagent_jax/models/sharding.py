@@ -160,6 +160,15 @@ def cache_sharding(mesh: Mesh, rules: Rules = DECODE_RULES, *, keys: bool = Fals
     return NamedSharding(mesh, logical_to_spec(names, rules))
 
 
+def constrain_cache(cache: Any, mesh: Mesh | None, rules: Rules = DECODE_RULES) -> Any:
+    """A `KVCache` (stacked or per layer) constrained to the cache shardings on `mesh` (None:
+    unchanged)."""
+    if mesh is None:
+        return cache
+    return cache.map(lambda x, keys: jax.lax.with_sharding_constraint(
+        x, cache_sharding(mesh, rules, keys=keys, per_layer=cache.per_layer)))
+
+
 def batch_multiple(mesh: Mesh | None, rules: Rules = TRAIN_RULES) -> int:
     """Batch sizes must be multiples of this (the number of batch shards)."""
     return 1 if mesh is None else _axis_size(mesh, rules["batch"])
