@@ -85,17 +85,20 @@ def test_programs_for_tpu_and_gpu_read_the_whole_layer_without_a_switch(monkeypa
 
     assert "cond" in program()  # CPU: the live read
     expected = live_cache_attention(*args)
-    # TPU/GPU programs keep the cache slot-major: [L, B, S, K, hd]
-    args = (q, kc.transpose(0, 1, 4, 2, 3), vc.transpose(0, 1, 3, 2, 4), jnp.int32(1), query_slot)
-    for platform in ("tpu", "gpu"):
+    # TPU programs keep the cache in rows [L, B, K, S, hd], GPU programs slot-major [L, B, S, K, hd]
+    # (an fp32 cache: the XLA read on both; tests/test_paged_attention.py has the TPU's bf16 kernel)
+    layouts = {"tpu": (kc.transpose(0, 1, 2, 4, 3), vc), "gpu": (kc.transpose(0, 1, 4, 2, 3), vc.transpose(0, 1, 3, 2, 4))}
+    for platform, (k, v) in layouts.items():
         monkeypatch.setattr(platform_module, "target_platform", lambda p=platform: p)
-        assert "cond" not in program()
+        args = (q, k, v, jnp.int32(1), query_slot)
+        assert "cond" not in program() and "pallas_call" not in program()
         np.testing.assert_allclose(np.asarray(live_cache_attention(*args)), np.asarray(expected), atol=1e-5)
 
 
 def test_both_cache_layouts_generate_the_same_tokens(monkeypatch) -> None:
-    """The sampler and the engine on the CPU's head-major cache and on the TPU/GPU slot-major one
-    (the layout switched alone, on this CPU): equal greedy tokens and log-probs."""
+    """The sampler and the engine on the CPU's head-major cache, the TPU's rows and the GPU's
+    slot-major one (the layout switched alone, on this CPU; an fp32 model, so the TPU's decode
+    keeps the XLA read): equal greedy tokens and log-probs."""
     import memagent_jax.models.platform as platform_module
     from memagent_jax import engine, sampler
     from memagent_jax.models import ModelConfig, init_model
@@ -105,15 +108,17 @@ def test_both_cache_layouts_generate_the_same_tokens(monkeypatch) -> None:
     model = init_model(cfg, 3)
     prompts = [[1, 2, 3, 4, 5], [7, 8, 9], [1, 2, 3, 4, 5], list(range(10, 40))]
     outputs = {}
-    for platform in ("cpu", "tpu"):
+    layouts = {"cpu": "head_major", "tpu": "rows", "gpu": "slot_major"}
+    for platform, layout in layouts.items():
         monkeypatch.setattr(platform_module, "target_platform", lambda p=platform: p)
-        assert platform_module.kv_cache_layout() == ("head_major" if platform == "cpu" else "slot_major")
+        assert platform_module.kv_cache_layout() == layout
         jax.clear_caches()  # the programs are traced again, in this layout
         traced = sampler.compile_count()
         out = sampler.generate(model, prompts, max_new_tokens=40)
         assert sampler.compile_count() > traced
         eng = engine.engine_generate(model, prompts, max_new_tokens=40, slots=2)
         outputs[platform] = (out.tokens, eng.tokens, out.logps)
-    assert outputs["cpu"][0] == outputs["tpu"][0] == outputs["cpu"][1] == outputs["tpu"][1]
-    for a, b in zip(outputs["cpu"][2], outputs["tpu"][2]):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+    for platform in layouts:
+        assert outputs[platform][0] == outputs[platform][1] == outputs["cpu"][0], platform
+        for a, b in zip(outputs["cpu"][2], outputs[platform][2]):
+            np.testing.assert_allclose(a, b, atol=1e-5)

@@ -22,7 +22,7 @@ from memagent_jax.models.sharding import MeshConfig, TRAIN_RULES, logical_to_spe
 SCRIPT = Path(__file__).resolve().parent / "multidevice" / "sharding_checks.py"
 CHECKS = [
     "forward_d1_f4_t2", "forward_d2_f4_t1", "param_specs_d1_f4_t2", "param_specs_d2_f4_t1",
-    "sampler_d2_f2_t2", "sampler_d8", "bad_mesh_device_count", "bad_mesh_kv_heads",
+    "sampler_d2_f2_t2", "sampler_d8", "paged_decode_d2_f2_t2", "bad_mesh_device_count", "bad_mesh_kv_heads",
     "qwen3_forward_d1_f4_t2", "qwen3_param_specs_d1_f4_t2", "qwen3_sampler_d2_f2_t2",
 ]
 TINY_SHARDABLE = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -25,7 +25,8 @@ recomputation, full-context scoring and the prefill of fresh prompts (sampler `_
 kernel the whole prompt goes in one piece, its memory being O(T) or one query block; with `xla`
 in `prefill_chunk` pieces over the cache). Right padding needs no length mask there: under a causal
 mask a real token never attends to padding after it, and each row's logits are read at its own
-last token. Decode (one query row per step against per-row cache offsets) uses `xla`.
+last token. Decode (one query row per step against per-row cache offsets) uses `xla`; on TPU
+with a bf16 cache the Pallas paged-attention kernel (models/paged_attention.py).
 
 All take q [B, T, H, hd], k and v [B, S, K, hd] (grouped-query: H a multiple of K) and return
 [B, T, H * hd]. Only `blocked` is written here; cudnn and splash are the JAX release's kernels.
@@ -40,7 +41,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from memagent_jax.models.platform import HEAD_MAJOR, kv_cache_layout, target_platform
+from memagent_jax.models.paged_attention import paged_decode_attention, uses_paged_decode
+from memagent_jax.models.platform import HEAD_MAJOR, ROWS, kv_cache_layout, target_platform
 
 ATTENTION_IMPLS = ("xla", "cudnn", "splash", "blocked", "auto")
 _MASK_VALUE = -1e30  # finite, so fully-masked rows give a uniform softmax instead of NaN
@@ -286,21 +288,30 @@ def live_cache_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, l
     longer reads take the arrays whole, uncopied (a copied read moves ~3R bytes per slot against
     S: bench/sampler.py's decode step, live reads of 288-384 of 384 slots, 3.8 ms with copies,
     3.2 without).
-    For TPU or GPU (slot-major cache) the read is the whole layer, fused: the switch made the
-    compiler copy the cache every step (tests/test_live_cache_attention.py checks there is none).
+    On TPU (rows cache) a decode step (one query per row) of a bf16 cache is the Pallas
+    paged-attention kernel, which reads each row's live slots only (models/paged_attention.py;
+    it computes from bf16 keys and values, so an fp32 cache keeps the XLA path). Otherwise, and
+    on GPU (slot-major cache), the read is the whole layer, fused: the switch made the compiler
+    copy the cache every step (tests/test_live_cache_attention.py checks there is none).
     """
     zero = jnp.int32(0)
     per_layer = layer is None
-    if kv_cache_layout() != HEAD_MAJOR:
+    layout = kv_cache_layout()
+    if layout != HEAD_MAJOR:
         # qwen2_5_7b_memagent_v5p32's decode: 62.9 GiB of temporaries with the stacked cache as a
         # switch operand, 23.0 with the layer's slice, 1.2 reading it whole and fused.
         if per_layer:
-            k, v = k_cache, v_cache
-        else:
-            _, B, S, K, hd = k_cache.shape
-            k = jax.lax.dynamic_slice(k_cache, (layer, zero, zero, zero, zero), (1, B, S, K, hd))[0]
-            v = jax.lax.dynamic_slice(v_cache, (layer, zero, zero, zero, zero), (1, B, S, K, hd))[0]
-        mask = jnp.arange(k.shape[1], dtype=jnp.int32)[None, None, :] <= query_slot[:, :, None]
+            k_cache, v_cache, layer = k_cache[None], v_cache[None], zero
+        if layout == ROWS and uses_paged_decode(q.shape[1], k_cache):
+            lengths = jnp.minimum(query_slot[:, 0] + 1, k_cache.shape[3])
+            return paged_decode_attention(q, k_cache, v_cache, layer, lengths)
+        shape = (1,) + k_cache.shape[1:]
+        k = jax.lax.dynamic_slice(k_cache, (layer, zero, zero, zero, zero), shape)[0]
+        v = jax.lax.dynamic_slice(v_cache, (layer, zero, zero, zero, zero), shape)[0]
+        slots = k.shape[2 if layout == ROWS else 1]
+        mask = jnp.arange(slots, dtype=jnp.int32)[None, None, :] <= query_slot[:, :, None]
+        if layout == ROWS:
+            return head_major_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         return xla_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
     B, K, hd, S = k_cache.shape[-4:]
     lengths = live_read_lengths(S)

@@ -22,7 +22,8 @@ from memagent_jax.models.lora import (
     dropout_key, init_adapters, lora_dropout, lora_logical_axes, lora_shapes,
 )
 from memagent_jax.models.model_config import ModelConfig, dtype_from_name
-from memagent_jax.models.platform import cache_axes
+from memagent_jax.models.paged_attention import paged_cache_write, uses_paged_decode
+from memagent_jax.models.platform import ROWS, cache_axes, kv_cache_layout
 from memagent_jax.models.sharding import constrain_batch
 
 
@@ -209,12 +210,16 @@ def write_cache(cache: jax.Array, new: jax.Array, layer: Any, offset: jax.Array,
     slots offset[b] ... offset[b] + T - 1 of row b: into layer `layer` of the stacked cache, or,
     with `layer` None, into one layer's array (a per-layer cache, `KVCache.per_layer`).
 
-    One scatter of only the new entries, in place in a loop carry: copying the [B, S, K, hd]
+    A TPU decode step's write (rows cache, the paged kernels' case) is a Pallas DMA per row
+    (models/paged_attention.py: a scatter made the compiler re-lay the cache out). Elsewhere one
+    scatter of only the new entries, in place in a loop carry: copying the [B, S, K, hd]
     layer slice, updating it and writing it back made the CPU sampler ~1.6x slower end to end.
     The row is a scatter batching dimension, so a batch-sharded cache is updated shard-locally
     (no all-gather of indices or updates). Out-of-range slots clip, like dynamic_update_slice.
     """
     B = new.shape[0]
+    if layer is not None and kv_cache_layout() == ROWS and uses_paged_decode(new.shape[1], cache):
+        return paged_cache_write(cache, new, layer, offset)
     axes = cache_axes()[0 if keys else 1][(1 if layer is None else 0):]
     slot_axis = axes.index("cache_length")
     new_axes = ("batch", "cache_length", "kv_heads", "head_dim")

@@ -165,7 +165,45 @@ def check_bad_mesh_kv_heads() -> None:
             raise AssertionError("tensor=4 with 2 kv heads did not raise")
 
 
+def check_paged_decode_on_tpu_layout(name: str) -> None:
+    """Programs traced for a TPU (rows cache, the Pallas paged kernel in interpret mode): the
+    kernel runs per shard (rows over the batch axes, kv heads over tensor) and a bf16 model's
+    greedy tokens on the mesh equal the single device's, token for token."""
+    import memagent_jax.models.platform as platform_module
+    from memagent_jax.models.attention import head_major_attention
+    from memagent_jax.models.paged_attention import paged_decode_attention
+    from memagent_jax.models.sharding import mesh_context
+
+    mesh = make_mesh(SAMPLER_MESHES[name])
+    real = platform_module.target_platform
+    platform_module.target_platform = lambda: "tpu"
+    jax.clear_caches()
+    try:
+        rng = np.random.default_rng(4)
+        L, B, K, S, H, hd = 2, 4, 2, 64, 4, 16
+        k, v = (jnp.asarray(rng.normal(size=(L, B, K, S, hd)), jnp.bfloat16) for _ in range(2))
+        q = jnp.asarray(rng.normal(size=(B, 1, H, hd)), jnp.bfloat16)
+        lengths = jnp.asarray([5, 64, 17, 30], jnp.int32)
+        with mesh_context(mesh):
+            program = jax.jit(paged_decode_attention)
+            assert "shard_map" in str(program.trace(q, k, v, jnp.int32(1), lengths).jaxpr)
+            got = program(q, k, v, jnp.int32(1), lengths)
+        mask = jnp.arange(S)[None, None, :] < lengths[:, None, None]
+        ref = head_major_attention(q.astype(jnp.float32), k[1].astype(jnp.float32),
+                                   v[1].astype(jnp.float32), mask)
+        np.testing.assert_allclose(np.asarray(got, np.float32), ref, atol=3e-2, rtol=3e-2)
+        single = models.from_pretrained(CKPT, dtype=jnp.bfloat16)
+        prompts = [rng.integers(3, 128, size=n).tolist() for n in PROMPT_LENS]
+        ref_out = sampler.generate(single, prompts, max_new_tokens=6)
+        out = sampler.generate(single, prompts, max_new_tokens=6, mesh=mesh)
+        assert out.tokens == ref_out.tokens, f"{out.tokens} != {ref_out.tokens}"
+    finally:
+        platform_module.target_platform = real
+        jax.clear_caches()
+
+
 CHECKS = {
+    "paged_decode_d2_f2_t2": lambda: check_paged_decode_on_tpu_layout("d2_f2_t2"),
     **{f"forward_{n}": (lambda n=n: check_forward(n)) for n in FORWARD_MESHES},
     **{f"param_specs_{n}": (lambda n=n: check_param_specs(n)) for n in FORWARD_MESHES},
     **{f"sampler_{n}": (lambda n=n: check_sampler(n)) for n in SAMPLER_MESHES},
