@@ -100,6 +100,26 @@ def test_a_tpu_decode_step_of_a_bf16_cache_is_the_kernel(on_tpu) -> None:
     assert "pallas_call" not in program(q3, k, v, jnp.int32(1), slots3)
 
 
+def test_a_layers_own_arrays_take_the_kernels_as_one_layer(on_tpu) -> None:
+    """A per-layer rows cache (one layer's [B, K, S, hd] arrays, `layer` None) is written and read
+    by the same kernels as a stacked cache of one layer."""
+    from memagent_jax.models.transformer import write_cache
+
+    B, K, S, H, hd = 2, 2, 32, 4, 16
+    rng = np.random.default_rng(6)
+    k, v = _rows_cache(rng, 1, B, K, S, hd)
+    new = jnp.asarray(rng.normal(size=(B, 1, K, hd)), jnp.bfloat16)
+    offset = jnp.asarray([3, 31], jnp.int32)
+    program = str(jax.make_jaxpr(lambda c: write_cache(c, new, None, offset))(k[0]))
+    assert "pallas_call" in program and "scatter" not in program
+    np.testing.assert_array_equal(np.asarray(write_cache(k[0], new, None, offset), np.float32),
+                                  np.asarray(write_cache(k, new, jnp.int32(0), offset)[0], np.float32))
+    q = jnp.asarray(rng.normal(size=(B, 1, H, hd)), jnp.bfloat16)
+    np.testing.assert_array_equal(
+        np.asarray(live_cache_attention(q, k[0], v[0], None, offset[:, None]), np.float32),
+        np.asarray(live_cache_attention(q, k, v, jnp.int32(0), offset[:, None]), np.float32))
+
+
 def test_decode_steps_on_the_kernel_follow_the_cacheless_forward(on_tpu) -> None:
     """A bf16 model prefilled and then decoded one token at a time over the TPU's rows cache (the
     kernels at every step) gives the hidden states of the forward without a cache; the sampler's

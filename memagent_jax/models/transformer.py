@@ -218,8 +218,11 @@ def write_cache(cache: jax.Array, new: jax.Array, layer: Any, offset: jax.Array,
     (no all-gather of indices or updates). Out-of-range slots clip, like dynamic_update_slice.
     """
     B = new.shape[0]
-    if layer is not None and kv_cache_layout() == ROWS and uses_paged_decode(new.shape[1], cache):
-        return paged_cache_write(cache, new, layer, offset)
+    if kv_cache_layout() == ROWS:
+        stacked = cache if layer is not None else cache[None]  # a layer's own array: one layer
+        if uses_paged_decode(new.shape[1], stacked):
+            out = paged_cache_write(stacked, new, 0 if layer is None else layer, offset)
+            return out if layer is not None else out[0]
     axes = cache_axes()[0 if keys else 1][(1 if layer is None else 0):]
     slot_axis = axes.index("cache_length")
     new_axes = ("batch", "cache_length", "kv_heads", "head_dim")
