@@ -24,7 +24,7 @@ from memagent_jax.models.lora import (
 from memagent_jax.models.model_config import ModelConfig, dtype_from_name
 from memagent_jax.models.paged_attention import paged_cache_write, uses_paged_decode
 from memagent_jax.models.platform import ROWS, cache_axes, kv_cache_layout
-from memagent_jax.models.sharding import constrain_batch
+from memagent_jax.models.sharding import constrain_batch, constrain_vocab
 
 
 class KVCache(NamedTuple):
@@ -287,12 +287,13 @@ class Decoder(nnx.Module):
         return self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """Final-normed hidden states [..., D] -> fp32 logits [..., V]."""
+        """Final-normed hidden states [B, ..., D] -> fp32 logits [B, ..., V], under a mesh
+        context sharded like the LM head over the vocabulary (`constrain_vocab`)."""
         w = self.output_weight()
         if hidden.dtype == jnp.float32 and self.config.remat == "none":  # `linear`'s faster weight gradient
-            return linear(hidden, w.astype(jnp.float32))
-        return jnp.einsum("...d,dv->...v", hidden, w.astype(hidden.dtype),
-                          preferred_element_type=jnp.float32)
+            return constrain_vocab(linear(hidden, w.astype(jnp.float32)))
+        return constrain_vocab(jnp.einsum("...d,dv->...v", hidden, w.astype(hidden.dtype),
+                                          preferred_element_type=jnp.float32))
 
     def hidden_states(
         self,
