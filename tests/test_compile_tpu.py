@@ -123,3 +123,31 @@ def test_libtpu_keeps_cpu_runs_quiet() -> None:
                          capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "cpu"
     assert "TPU" not in out.stderr and "libtpu" not in out.stderr, out.stderr
+
+
+def test_the_tpu_engine_decode_gathers_logits_not_the_lm_head(monkeypatch) -> None:
+    """The engine's decode program for a TPU slice with the vocabulary split over tensor: no
+    all-gather of the LM head inside it (its logits come out vocab-sharded and the rows' logits
+    are gathered: `sharding.constrain_vocab`); the paged kernels are in it (Mosaic custom calls)."""
+    import memagent_jax.compile as compile_module
+    from memagent_jax.compile import compile_rl_step
+    from memagent_jax.config import load_config
+
+    texts = {}
+
+    def keep_text(name, shape, fn, *args):
+        def compiled():
+            out = fn()
+            texts[name] = out.as_text()
+            return out
+        return real(name, shape, compiled, *args)
+
+    real = compile_module._compile
+    monkeypatch.setattr(compile_module, "_compile", keep_text)
+    report = compile_rl_step(load_config("memagent", TINY + ["model.architecture=qwen3"]), "v5p:2x2x1",
+                             only=("engine decode",))
+    assert report.failures == [] and list(texts) == ["engine decode"]
+    gathers = [line for line in texts["engine decode"].splitlines() if "all-gather(" in line]
+    head = re.compile(r"\[(1024,32768|32768,1024)\]")
+    assert gathers and not [g for g in gathers if head.search(g.split("all-gather(")[0])], gathers
+    assert "tpu_custom_call" in texts["engine decode"]
