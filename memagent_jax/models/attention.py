@@ -133,7 +133,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block: int = 1
     k/v heads are repeated for grouped queries. Under a mesh context the kernel runs per shard
     (`shard_map`: rows over the batch axes, heads over tensor): XLA cannot partition a Pallas
     call and would otherwise gather every row and head onto each device."""
-    from memagent_jax.models.sharding import context_batch_axes, context_head_axis
+    from memagent_jax.models.sharding import per_shard
 
     B, T, H, hd = q.shape
     K = k.shape[2]
@@ -150,10 +150,8 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block: int = 1
         out = jax.vmap(kernel)(heads_first(q), heads_first(k), heads_first(v))
         return heads_first(out)[:, :T].astype(q.dtype)
 
-    batch, heads = context_batch_axes(B), context_head_axis(H, K)
-    if batch or heads:
-        spec = jax.sharding.PartitionSpec(batch or None, None, heads, None)
-        local = jax.shard_map(local, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
+    spec = lambda rows, heads: jax.sharding.PartitionSpec(rows, None, heads, None)  # noqa: E731
+    local = per_shard(local, B, (H, K), lambda rows, heads: ((spec(rows, heads),) * 3, spec(rows, heads)))
     return local(q, k, v).reshape(B, T, H * hd)
 
 

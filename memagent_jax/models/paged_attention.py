@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from memagent_jax.models.platform import device_platform
+from memagent_jax.models.sharding import per_shard
 
 PAGE_SIZES = (128, 64, 32, 16)  # slots per page, largest first; TPU tiles are 8-16 x 128
 BLOCK_SLOTS = 512  # slots per kernel compute block (pages_per_compute_block * page_size)
@@ -63,20 +64,6 @@ def _interpret() -> Any:
     from jax.experimental.pallas import tpu as pltpu
 
     return pltpu.force_tpu_interpret_mode() if device_platform() != "tpu" else contextlib.nullcontext()
-
-
-def _per_shard(fn: Callable[..., jax.Array], rows: int, heads: tuple[int, ...],
-               specs: Callable[[Any, Any], tuple[tuple, Any]]) -> Callable[..., jax.Array]:
-    """`fn` run per shard of the context mesh (rows over the batch axes, kv heads over tensor, as
-    the cache is sharded: models/sharding.py `cache_sharding`); `specs(rows_axes, head_axis)` ->
-    (in_specs, out_specs). Without a mesh (or nothing sharded) `fn` itself."""
-    from memagent_jax.models.sharding import context_batch_axes, context_head_axis
-
-    batch, head = context_batch_axes(rows), context_head_axis(*heads)
-    if not (batch or head):
-        return fn
-    in_specs, out_specs = specs(batch or None, head)
-    return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
 def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array,
@@ -111,7 +98,7 @@ def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
 
     P = jax.sharding.PartitionSpec
     cache = lambda rows, head: P(None, rows, head, None, None)  # noqa: E731
-    local = _per_shard(local, B, (H, K), lambda rows, head: (
+    local = per_shard(local, B, (H, K), lambda rows, head: (
         (P(rows, None, head, None), cache(rows, head), cache(rows, head), P(), P(rows)),
         P(rows, None, head)))
     return local(q, k_cache, v_cache, jnp.asarray(layer, jnp.int32), lengths)
@@ -174,7 +161,7 @@ def paged_cache_write(cache: jax.Array, new: jax.Array, layer: jax.Array, offset
         return call(layer.reshape(1), offset, update, cache)
 
     P = jax.sharding.PartitionSpec
-    local = _per_shard(local, B, (K,), lambda rows, head: (
+    local = per_shard(local, B, (K,), lambda rows, head: (
         (P(None, rows, head, None, None), P(rows, head, None, None), P(), P(rows)),
         P(None, rows, head, None, None)))
     return local(cache, update, jnp.asarray(layer, jnp.int32), offset)

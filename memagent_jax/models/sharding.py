@@ -228,6 +228,12 @@ def context_head_axis(*counts: int) -> str | None:
     return HEAD_AXIS if all(c % mesh.shape[HEAD_AXIS] == 0 for c in counts) else None
 
 
+def _rows_entry(rows: int) -> str | tuple[str, ...] | None:
+    """The PartitionSpec entry splitting `rows` over the context mesh's batch axes (None: not split)."""
+    axes = context_batch_axes(rows)
+    return (axes if len(axes) > 1 else axes[0]) if axes else None
+
+
 def batch_shards(rows: int) -> int:
     """How many ways the context mesh splits `rows` batch rows (1 without a mesh)."""
     mesh = _context_mesh()
@@ -240,11 +246,10 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     mesh context). Without it XLA's propagation can shard hidden states by the fsdp-sharded
     embedding dimension instead and replicate the batch on every device (measured for Qwen2.5-7B
     on v5p-32: a 64-row micro-batch per device became 512 rows, 48 GiB of temporaries)."""
-    axes = context_batch_axes(x.shape[0])
-    if not axes:
+    rows = _rows_entry(x.shape[0])
+    if rows is None:
         return x
-    spec = PartitionSpec(axes if len(axes) > 1 else axes[0], *([None] * (x.ndim - 1)))
-    return jax.lax.with_sharding_constraint(x, spec)
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(rows, *([None] * (x.ndim - 1))))
 
 
 def constrain_vocab(x: jax.Array) -> jax.Array:
@@ -256,9 +261,20 @@ def constrain_vocab(x: jax.Array) -> jax.Array:
     head = context_head_axis(x.shape[-1])
     if head is None:
         return x
-    axes = context_batch_axes(x.shape[0])
-    rows = (axes if len(axes) > 1 else axes[0]) if axes else None
-    return jax.lax.with_sharding_constraint(x, PartitionSpec(rows, *([None] * (x.ndim - 2)), head))
+    return jax.lax.with_sharding_constraint(
+        x, PartitionSpec(_rows_entry(x.shape[0]), *([None] * (x.ndim - 2)), head))
+
+
+def per_shard(fn: Any, rows: int, heads: tuple[int, ...], specs: Any) -> Any:
+    """`fn` run per shard of the context mesh (a Pallas kernel, which XLA cannot partition: it
+    would gather every row and head onto each device): rows over the batch axes, heads over
+    tensor when it divides every count in `heads`. `specs(rows_entry, head_axis)` -> (in_specs,
+    out_specs). Without a mesh, or with nothing to split, `fn` itself."""
+    batch, head = context_batch_axes(rows), context_head_axis(*heads)
+    if not (batch or head):
+        return fn
+    in_specs, out_specs = specs(batch or None, head)
+    return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
 def constrain_params(state: Any, model_config: Any, rules: Rules = TRAIN_RULES) -> Any:
