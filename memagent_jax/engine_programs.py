@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from memagent_jax.engine_slots import cache_slots, slot_shardings, slots_cache
-from memagent_jax.models.platform import cache_axes, per_layer_cache
+from memagent_jax.models.platform import cache_axes, per_layer_cache, slot_axis
 from memagent_jax.models.sharding import DECODE_RULES, cache_sharding, constrain_cache
 from memagent_jax.models.transformer import KVCache
 from memagent_jax.sampler import _argmax, _prefill, filter_logits
@@ -101,8 +101,9 @@ def _prefill_program(graphdef: Any, state: Any, slots: dict[str, jax.Array], ids
 
     def into_slots(slot_cache: jax.Array, prompts: jax.Array, axes: tuple[str, ...], layer: Any,
                    spec: Any) -> jax.Array:
+        # the prompts' extent in every axis: their slots (P rounded up to the layout's multiple)
         at = ((slot_idx,) if layer is None else (layer, slot_idx)) + tuple(
-            slice(0, P) if a == "cache_length" else slice(None) for a in axes[2:])
+            slice(0, n) for n in prompts.shape[1:])
         x = slot_cache.at[at].set(prompts[row_to_unique], mode="drop")
         return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
 
@@ -147,10 +148,14 @@ def _decode_program(graphdef: Any, state: Any, slots: dict[str, jax.Array],
     full = slots_cache(slots, L)
     # a per-layer cache's layers read their weights sliced once here, not at every step
     weights = model.layer_weights() if full.per_layer else None
-    slot_axis = [axes[1:].index("cache_length") for axes in cache_axes()]  # keys', values'
     if read_len is not None and full.per_layer:
-        slots = dict(slots) | cache_slots(full.map(
-            lambda x, keys: jax.lax.slice_in_dim(x, 0, read_len, axis=slot_axis[0 if keys else 1])))
+        # keys', values' (axis, slots per index)
+        slot_axes = [slot_axis(axes[1:], x[0].shape) for axes, x in zip(cache_axes(), full)]
+
+        def live_part(x: jax.Array, keys: bool) -> jax.Array:
+            axis, per_index = slot_axes[0 if keys else 1]
+            return jax.lax.slice_in_dim(x, 0, read_len // per_index, axis=axis)
+        slots = dict(slots) | cache_slots(full.map(live_part))
 
     def cond(c: tuple[jax.Array, jax.Array, dict[str, jax.Array]]) -> jax.Array:
         i, finished, s = c
@@ -185,8 +190,8 @@ def _decode_program(graphdef: Any, state: Any, slots: dict[str, jax.Array],
         cut = slots_cache(out, L)
         back = lambda whole, part, axis: jax.lax.dynamic_update_slice_in_dim(whole, part, 0, axis)  # noqa: E731
         out.update(cache_slots(KVCache(
-            tuple(back(w, c, slot_axis[0]) for w, c in zip(full.k, cut.k)),
-            tuple(back(w, c, slot_axis[1]) for w, c in zip(full.v, cut.v)))))
+            tuple(back(w, c, slot_axes[0][0]) for w, c in zip(full.k, cut.k)),
+            tuple(back(w, c, slot_axes[1][0]) for w, c in zip(full.v, cut.v)))))
     return _constrain(out, mesh), jnp.stack([i, occupancy])
 
 

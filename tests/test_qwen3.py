@@ -100,7 +100,7 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(qwen3_checkpoints):
         return m.logits(hidden), cache
 
     cache = KVCache.zeros(model.config, 2, 24)
-    assert cache.k.shape[-1] == QWEN3_HEAD_DIM
+    assert cache.v.shape[-1] == QWEN3_HEAD_DIM
     lengths = np.array([5, 9])  # ragged prompts; the rest is decoded one token at a time
     prefill, cache = run(state, ids[:, :9], cache, jnp.zeros(2, jnp.int32))
     for b, n in enumerate(lengths):

@@ -32,6 +32,28 @@ def test_greedy_equals_transformers_generate(hf_checkpoints, kind):
         assert reason == "length" and len(tokens) == 12
 
 
+def test_greedy_equals_transformers_generate_on_tiled_keys(tmp_path):
+    """head_dim 32: the CPU cache keeps its keys in tiles of 64 slots (models/platform.py);
+    rows that decode across a tile boundary, on the sampler and the engine, equal transformers."""
+    from hf_models import save_hf_model
+
+    from memagent_jax import engine
+    from memagent_jax.models import KVCache
+
+    hf_model = save_hf_model("qwen2", tmp_path, num_attention_heads=2, num_key_value_heads=1)
+    model = models.from_pretrained(tmp_path)
+    assert model.config.head_dim == 32
+    assert KVCache.zeros(model.config, 1, 100, per_layer=True).k[0].shape == (1, 1, 2, 32, 64)
+    prompts = _prompts(3, [58, 70, 9, 130])
+    out = sampler.generate(model, prompts, max_new_tokens=12, temperature=0.0)
+    eng = engine.engine_generate(model, prompts, max_new_tokens=12, slots=2)
+    for prompt, tokens, eng_tokens in zip(prompts, out.tokens, eng.tokens):
+        with torch.no_grad():
+            ref = hf_model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                    eos_token_id=None, pad_token_id=0)
+        assert tokens == eng_tokens == ref[0, len(prompt):].tolist()
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampler_logps_equal_recomputed_logps(hf_checkpoints, temperature):
     path, _ = hf_checkpoints["qwen2"]

@@ -70,20 +70,30 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
 
 
 def head_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
-                         keys_transposed: bool = False) -> jax.Array:
-    """`xla_attention` with keys and values head-major: k, v [B,K,S,hd]; `keys_transposed`:
-    k [B,K,hd,S] (the KV cache's layout, models/transformer.KVCache).
+                         keys_tiled: bool = False) -> jax.Array:
+    """`xla_attention` with keys and values head-major: k, v [B,K,S,hd]; `keys_tiled`: k
+    [B,K,S/n,hd,n] (the CPU KV cache's keys: models/platform.py).
 
     The G = H/K query heads that share a KV head are folded into the query axis, so both products
     are plain batched matmuls over (B, K) with G*T rows: on XLA:CPU this halves the backward pass
-    against a 5-D einsum (measured: 40 -> 21 ms per layer at B=32, T=128, H=4, hd=16).
+    against a 5-D einsum (measured: 40 -> 21 ms per layer at B=32, T=128, H=4, hd=16). Tiled keys
+    with one query per row (a decode step) are one small matmul per tile (the query broadcast
+    over the tiles: a batch axis), which reads each tile in one sweep; with more queries, or in
+    one tile, the keys are laid out [B,K,hd,S] for one matmul.
     """
     B, T, H, hd = q.shape
     K, S = v.shape[1], v.shape[2]
     G = H // K
     q = q.reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, hd)
-    scores = jnp.einsum("bkqd,bkds->bkqs" if keys_transposed else "bkqd,bksd->bkqs", q, k,
-                        preferred_element_type=jnp.float32)
+    if keys_tiled and T == 1 and k.shape[2] > 1:  # [B,K,tiles,G,hd] x [B,K,tiles,hd,n]: per tile
+        per_tile = jnp.broadcast_to(q[:, :, None], (B, K, k.shape[2], G, hd))
+        scores = jnp.einsum("bktqd,bktdn->bktqn", per_tile, k, preferred_element_type=jnp.float32)
+        scores = scores.transpose(0, 1, 3, 2, 4).reshape(B, K, G, S)
+    else:  # one matmul over keys [B, K, hd, S] (tiles laid out so: a copy unless one tile)
+        if keys_tiled:
+            k = k.transpose(0, 1, 3, 2, 4).reshape(B, K, hd, S)
+        scores = jnp.einsum("bkqd,bkds->bkqs" if keys_tiled else "bkqd,bksd->bkqs", q, k,
+                            preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(hd)
     mask = jnp.broadcast_to(mask[:, None, None], (B, 1, G, T, S)).reshape(B, 1, G * T, S)
     scores = jnp.where(mask, scores, _MASK_VALUE)
@@ -262,10 +272,11 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
     return xla_attention(q, k, v, mask)
 
 
-def live_read_lengths(cache_len: int, buckets: int = LIVE_READ_BUCKETS) -> tuple[int, ...]:
+def live_read_lengths(cache_len: int, buckets: int = LIVE_READ_BUCKETS, multiple: int = 16
+                      ) -> tuple[int, ...]:
     """The static key counts a cached attention may read: `buckets` steps up to the cache
-    length, each a multiple of 16 (fewer when the cache is short)."""
-    step = max(16, -(-cache_len // buckets // 16) * 16)
+    length, each a multiple of `multiple` (fewer when the cache is short)."""
+    step = max(multiple, -(-cache_len // buckets // multiple) * multiple)
     return tuple(sorted({min(cache_len, step * j) for j in range(1, -(-cache_len // step) + 1)}))
 
 
@@ -277,7 +288,7 @@ def live_cache_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, l
     query t of row b attends to slots <= query_slot[b, t] -> [B,T,H*hd].
 
     On CPU (head-major cache) the keys read are the first R slots, R the smallest of
-    `live_read_lengths(S)` above every row's last query slot: a `lax.switch` over those static
+    `live_read_lengths(S, multiple=KEY_TILE)` (whole key tiles) above every row's last query slot: a `lax.switch` over those static
     lengths, each branch slicing its length from the cache, so the program has static shapes and
     a decode step reads the cache up to the longest live row (rounded to S/8), not the padding of
     the prompt bucket and the new-token budget behind it. A slice is a copy (XLA:CPU's matmuls
@@ -311,23 +322,24 @@ def live_cache_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, l
         if layout == ROWS:
             return head_major_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         return xla_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
-    B, K, hd, S = k_cache.shape[-4:]
-    lengths = live_read_lengths(S)
+    B, K, S = v_cache.shape[-4], v_cache.shape[-3], v_cache.shape[-2]
+    tiles, hd, tile = k_cache.shape[-3:]
+    lengths = live_read_lengths(S, multiple=tile if tiles > 1 else 16)  # whole tiles, or slots of one
     if per_layer:
         lengths = tuple(n for n in lengths if 2 * n <= S) + (S,)
 
     def read(length: int) -> Any:
         def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array) -> jax.Array:
+            k_shape = (B, K, length // tile, hd, tile) if tiles > 1 else (B, K, 1, hd, length)
             if per_layer and length == S:
                 k, v = k_cache, v_cache
             elif per_layer:
-                k, v = k_cache[..., :length], v_cache[:, :, :length]
+                k, v = jax.lax.slice(k_cache, (0,) * 5, k_shape), v_cache[:, :, :length]
             else:
-                k = jax.lax.dynamic_slice(k_cache, (layer, zero, zero, zero, zero), (1, B, K, hd, length))[0]
+                k = jax.lax.dynamic_slice(k_cache, (layer, zero, zero, zero, zero, zero), (1,) + k_shape)[0]
                 v = jax.lax.dynamic_slice(v_cache, (layer, zero, zero, zero, zero), (1, B, K, length, hd))[0]
             mask = jnp.arange(length, dtype=jnp.int32)[None, None, :] <= query_slot[:, :, None]
-            return head_major_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask,
-                                        keys_transposed=True)
+            return head_major_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, keys_tiled=True)
         return attend
 
     if len(lengths) == 1:  # a short cache, or only long reads: no switch

@@ -3,11 +3,18 @@
 A program traced under a mesh context (`jax.set_mesh`, e.g. a TPU topology compiled from a CPU
 host) is for that mesh's devices; otherwise for the default backend. The KV cache's layout follows:
 
-- "head_major" (CPU): keys [layers, batch, kv_heads, head_dim, slots], values [layers, batch,
-  kv_heads, slots, head_dim]. A decode step's two attention products are then plain batched
-  matmuls over (batch, kv head) with untransposed operands: XLA:CPU otherwise transposed each
-  layer's cache every step and packed the keys transposed (bench/sampler.py's decode step on a
-  2-core AMD EPYC: 4.8 -> 3.0-3.5 ms).
+- "head_major" (CPU): values [layers, batch, kv_heads, slots, head_dim], keys in tiles of
+  `KEY_TILE` slots [layers, batch, kv_heads, key_tiles, head_dim, tile_slots] (cache lengths are
+  multiples of the tile: `slot_multiple`). A decode step's query-key product then reads each
+  tile's 16 KB (head_dim 64) in one sweep; over keys [..., head_dim, slots] the product walked 64
+  rows 1.5 KB apart per output vector, at a third of the bandwidth once the cache outgrew the L3
+  (bench/sampler.py's model, 4 layers' keys read per step from DRAM, 2-core AMD EPYC: 0.31 -> 0.13
+  ms per layer; tiles of 16 slots: 0.26, of 32: 0.14; at Qwen2.5-7B's head shapes 64 beat 128,
+  0.58 vs 0.77 ms). Keys of head_dim < `TILED_KEYS_MIN_HEAD_DIM` are one tile of all slots
+  ([..., 1, head_dim, slots]): a tiny model's cache sits in the L2/L3, where one matmul over it
+  beat a matmul per tile plus the query's broadcast (bench/rollout_engine.py's head_dim-16
+  model: 2.45 vs 2.68 s per rollout). Values feed a plain batched matmul
+  over (batch, kv head), untransposed: XLA:CPU otherwise transposed each layer's cache every step.
 - "slot_major" (GPU): keys and values [layers, batch, slots, kv_heads, head_dim]. Read whole
   and fused by the XLA attention of a decode step.
 - "rows" (TPU): keys and values [layers, batch, kv_heads, slots, head_dim]: every (layer, row,
@@ -30,6 +37,8 @@ from typing import Any
 import jax
 
 HEAD_MAJOR, SLOT_MAJOR, ROWS = "head_major", "slot_major", "rows"
+KEY_TILE = 64  # slots per key tile in the CPU layout
+TILED_KEYS_MIN_HEAD_DIM = 32  # below: the CPU's keys are one tile of all slots
 
 
 def device_platform() -> str:
@@ -70,12 +79,37 @@ def per_layer_cache(platform: str | None = None) -> bool:
 
 def cache_axes(platform: str | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The logical axes of the cache's keys and values in `platform`'s layout: the one place the
-    layout is written down (shapes, shardings, writes and slot inserts derive from it)."""
+    layout is written down (shapes, shardings, writes and slot inserts derive from it). The slots
+    are the axis "cache_length", or "key_tiles" x "tile_slots" (CPU keys: `KEY_TILE`)."""
     layout = kv_cache_layout(platform)
     rows = ("layers", "batch", "kv_heads", "cache_length", "head_dim")
     if layout == HEAD_MAJOR:
-        return ("layers", "batch", "kv_heads", "head_dim", "cache_length"), rows
+        return ("layers", "batch", "kv_heads", "key_tiles", "head_dim", "tile_slots"), rows
     if layout == ROWS:
         return rows, rows
     slot_major = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
     return slot_major, slot_major
+
+
+def key_tile(head_dim: int, length: int) -> int:
+    """Slots per key tile of a CPU cache of `length` slots (a multiple of `slot_multiple`)."""
+    return KEY_TILE if head_dim >= TILED_KEYS_MIN_HEAD_DIM else length
+
+
+def slot_multiple(head_dim: int, platform: str | None = None) -> int:
+    """Cache lengths are multiples of this in `platform`'s layout (the CPU's key tile where the
+    keys are tiled, else 1): `KVCache` shapes round a length up to it."""
+    tiled = kv_cache_layout(platform) == HEAD_MAJOR and head_dim >= TILED_KEYS_MIN_HEAD_DIM
+    return KEY_TILE if tiled else 1
+
+
+def slot_axis(axes: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, int]:
+    """(axis, slots per index) of the slots in an array of `shape` with logical `axes`
+    (`cache_axes`, possibly without "layers"): slicing its first `n` slots slices
+    n // (slots per index) along the axis (keys in one tile: the slots within it)."""
+    if "key_tiles" in axes:
+        tiles = axes.index("key_tiles")
+        if shape[tiles] == 1:
+            return axes.index("tile_slots"), 1
+        return tiles, shape[axes.index("tile_slots")]
+    return axes.index("cache_length"), 1

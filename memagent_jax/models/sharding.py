@@ -24,6 +24,8 @@ TRAIN_RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
     "length": None,
     "cache_length": None,
+    "key_tiles": None,  # the CPU's key tiles (models/platform.py): slots, replicated like them
+    "tile_slots": None,
     "embed": "fsdp",
     "heads": "tensor",
     "kv_heads": "tensor",

@@ -23,14 +23,15 @@ from memagent_jax.models.lora import (
 )
 from memagent_jax.models.model_config import ModelConfig, dtype_from_name
 from memagent_jax.models.paged_attention import paged_cache_write, uses_paged_decode
-from memagent_jax.models.platform import ROWS, cache_axes, kv_cache_layout
+from memagent_jax.models.platform import ROWS, cache_axes, key_tile, kv_cache_layout, slot_multiple
 from memagent_jax.models.sharding import constrain_batch, constrain_vocab
 
 
 class KVCache(NamedTuple):
     """Keys and values of every layer in the target platform's layout (models/platform.py):
-    on CPU k [layers, batch, kv_heads, head_dim, slots], v [layers, batch, kv_heads, slots,
-    head_dim]; on TPU/GPU both [layers, batch, slots, kv_heads, head_dim] (`cache_shapes`).
+    on CPU k [layers, batch, kv_heads, slots / tile, head_dim, tile] (`key_tile`), v [layers, batch,
+    kv_heads, slots, head_dim]; on TPU [layers, batch, kv_heads, slots, head_dim], on GPU
+    [layers, batch, slots, kv_heads, head_dim] (`cache_shapes`).
     Per layer (`per_layer`, the CPU sampler's): k and v are tuples of one array per layer, the
     same shapes without the leading layers axis, and the forward unrolls its layers over them."""
 
@@ -62,9 +63,15 @@ class KVCache(NamedTuple):
 
 def cache_shapes(config: ModelConfig, batch: int, length: int, platform: str | None = None
                  ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Shapes of the KV cache's keys and values (`KVCache`) for `platform` (None: the target's)."""
+    """Shapes of the KV cache's keys and values (`KVCache`) for `platform` (None: the target's),
+    `length` slots rounded up to the layout's multiple (`slot_multiple`: the CPU's key tiles;
+    the slots behind a row's last written one are never attended to)."""
+    multiple = slot_multiple(config.head_dim, platform)
+    length = -(-length // multiple) * multiple
+    tile = key_tile(config.head_dim, length)
     sizes = dict(layers=config.num_layers, batch=batch, kv_heads=config.num_kv_heads,
-                 head_dim=config.head_dim, cache_length=length)
+                 head_dim=config.head_dim, cache_length=length, key_tiles=length // tile,
+                 tile_slots=tile)
     k_axes, v_axes = cache_axes(platform)
     return tuple(sizes[a] for a in k_axes), tuple(sizes[a] for a in v_axes)
 
@@ -224,11 +231,13 @@ def write_cache(cache: jax.Array, new: jax.Array, layer: Any, offset: jax.Array,
             out = paged_cache_write(stacked, new, 0 if layer is None else layer, offset)
             return out if layer is not None else out[0]
     axes = cache_axes()[0 if keys else 1][(1 if layer is None else 0):]
+    offset = offset.astype(jnp.int32)
+    if "key_tiles" in axes:
+        return _write_key_tiles(cache, new, layer, offset, axes)
     slot_axis = axes.index("cache_length")
     new_axes = ("batch", "cache_length", "kv_heads", "head_dim")
     order = tuple(new_axes.index(a) for a in axes if a != "layers")  # new in the cache's order
     update = new.astype(cache.dtype).transpose(order)  # [B, ...] in the cache's order
-    offset = offset.astype(jnp.int32)
     if layer is None:  # indices [B, 1]: the slot
         dnums = jax.lax.ScatterDimensionNumbers(
             update_window_dims=(1, 2, 3), inserted_window_dims=(),
@@ -242,6 +251,30 @@ def write_cache(cache: jax.Array, new: jax.Array, layer: Any, offset: jax.Array,
             scatter_indices_batching_dims=(0,))
         indices = jnp.stack([jnp.broadcast_to(jnp.asarray(layer, jnp.int32), (B,)), offset], axis=-1)
     return jax.lax.scatter(cache, indices, update, dnums,
+                           indices_are_sorted=True, unique_indices=True,
+                           mode=jax.lax.GatherScatterMode.CLIP)
+
+
+def _write_key_tiles(cache: jax.Array, new: jax.Array, layer: Any, offset: jax.Array,
+                     axes: tuple[str, ...]) -> jax.Array:
+    """`write_cache` into keys in tiles ([layers,] batch, kv_heads, key_tiles, head_dim,
+    tile_slots): one scatter index (tile, slot in tile) per new token, its [kv_heads, head_dim]
+    the window. The first slot clips like a dynamic_update_slice's start."""
+    B, T = new.shape[:2]
+    tile = cache.shape[axes.index("tile_slots")]
+    start = jnp.clip(offset, 0, cache.shape[axes.index("key_tiles")] * tile - T)
+    slots = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
+    index = [slots // tile, slots % tile]
+    tile_dims = (axes.index("key_tiles"), axes.index("tile_slots"))
+    first = 0 if layer is None else 1  # the batch axis
+    if layer is not None:
+        index.insert(0, jnp.broadcast_to(jnp.asarray(layer, jnp.int32), (B, T)))
+        tile_dims = (0,) + tile_dims
+    dnums = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=(2, 3), inserted_window_dims=tile_dims,
+        scatter_dims_to_operand_dims=tile_dims, operand_batching_dims=(first,),
+        scatter_indices_batching_dims=(0,))
+    return jax.lax.scatter(cache, jnp.stack(index, axis=-1), new.astype(cache.dtype), dnums,
                            indices_are_sorted=True, unique_indices=True,
                            mode=jax.lax.GatherScatterMode.CLIP)
 
