@@ -29,6 +29,7 @@ from memagent_jax.models.sharding import (
     constrain_cache,
     param_shardings,
 )
+from memagent_jax.cpu_threefry import unroll_on_cpu
 from memagent_jax.distributed import allgather_ints, from_process_local, mesh_processes, to_host
 from memagent_jax.models.attention import resolve as resolve_attention
 from memagent_jax.models.platform import per_layer_cache
@@ -38,6 +39,7 @@ from memagent_jax.types import SampleOutput
 
 MAX_STOP_IDS = 8
 _NEG = -1e30
+unroll_on_cpu()  # each sampled step's noise without rolled loops on CPU (cpu_threefry.py)
 
 
 def bucket(n: int, minimum: int = 16) -> int:

@@ -57,8 +57,9 @@ def target_platform() -> str:
 
 
 def mesh_platform(mesh: Any) -> str:
-    """The platform of a mesh's devices (None: the program's target platform)."""
-    if mesh is None:
+    """The platform of a mesh's devices (None, or a target that a test put in place of the
+    devices' platform: the program's target platform)."""
+    if mesh is None or target_platform() != device_platform():
         return target_platform()
     platform = mesh.devices.flat[0].platform
     return "gpu" if platform == "cuda" else platform
