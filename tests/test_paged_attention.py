@@ -120,6 +120,7 @@ def test_a_layers_own_arrays_take_the_kernels_as_one_layer(on_tpu) -> None:
         np.asarray(live_cache_attention(q, k, v, jnp.int32(0), offset[:, None]), np.float32))
 
 
+@pytest.mark.slow  # 27 s in interpret mode; tests/multidevice's paged_decode check runs the kernel decode by default
 def test_decode_steps_on_the_kernel_follow_the_cacheless_forward(on_tpu) -> None:
     """A bf16 model prefilled and then decoded one token at a time over the TPU's rows cache (the
     kernels at every step) gives the hidden states of the forward without a cache; the sampler's
