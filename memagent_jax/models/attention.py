@@ -288,10 +288,11 @@ def live_cache_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, l
     query t of row b attends to slots <= query_slot[b, t] -> [B,T,H*hd].
 
     On CPU (head-major cache) the keys read are the first R slots, R the smallest of
-    `live_read_lengths(S, multiple=KEY_TILE)` (whole key tiles) above every row's last query slot: a `lax.switch` over those static
-    lengths, each branch slicing its length from the cache, so the program has static shapes and
-    a decode step reads the cache up to the longest live row (rounded to S/8), not the padding of
-    the prompt bucket and the new-token budget behind it. A slice is a copy (XLA:CPU's matmuls
+    `live_read_lengths(S)` (in whole key tiles when the keys are tiled) above every row's last
+    query slot: a `lax.switch` over those static lengths, each branch slicing its length from
+    the cache, so the program has static shapes and a decode step reads the cache up to the
+    longest live row (rounded to S/8), not the padding of the prompt bucket and the new-token
+    budget behind it. A slice is a copy (XLA:CPU's matmuls
     take whole buffers): from a stacked cache every read copies anyway (the layer's slice), so
     every length is a branch; from a layer's own arrays the copy is made only for R <= S/2 and
     longer reads take the arrays whole, uncopied (a copied read moves ~3R bytes per slot against
