@@ -44,7 +44,7 @@ from memagent_jax.engine_programs import (  # noqa: F401  (STATS, compile_count,
     STATS, EngineStats, _jitted_decode, _jitted_prefill, _take_rows, compile_count,
 )
 from memagent_jax.models.sharding import DECODE_RULES, batch_multiple, batch_sharding, mesh_context
-from memagent_jax.models.platform import mesh_platform, slot_multiple
+from memagent_jax.models.platform import cache_length, mesh_platform, slot_multiple
 from memagent_jax.models.transformer import Decoder
 from memagent_jax.sampler import MAX_STOP_IDS, _pow2_bucket, bucket, decode_state
 from memagent_jax.seeds import Seed, derive
@@ -303,8 +303,9 @@ class Engine:
             return None
         occupied = [self._live[s] for s, o in enumerate(self._slot_owner) if o is not None]
         need = max(occupied, default=0) + self.decode_steps
-        multiple = slot_multiple(self.config.head_dim, mesh_platform(self.mesh))  # whole key tiles
-        cache_len = -(-self.max_len // multiple) * multiple  # the slot arrays' length (cache_shapes)
+        platform = mesh_platform(self.mesh)
+        multiple = slot_multiple(self.config.head_dim, platform)  # whole key tiles
+        cache_len = cache_length(self.config.head_dim, self.max_len, platform)  # the slot arrays' length
         length = next((n for n in live_read_lengths(cache_len, multiple=max(16, multiple))
                        if n >= need), cache_len)
         return None if length >= cache_len else length

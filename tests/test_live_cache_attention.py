@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from memagent_jax.models.attention import live_cache_attention, live_read_lengths, xla_attention
-from memagent_jax.models.platform import KEY_TILE
+from memagent_jax.models.platform import KEY_TILE, cache_length
 
 
 def test_read_lengths_are_static_steps_up_to_the_cache_length() -> None:
@@ -20,6 +20,19 @@ def test_read_lengths_are_static_steps_up_to_the_cache_length() -> None:
     assert live_read_lengths(1000) == (128, 256, 384, 512, 640, 768, 896, 1000)
     assert live_read_lengths(384, multiple=64) == (64, 128, 192, 256, 320, 384)  # whole key tiles
     assert live_read_lengths(1024, multiple=64) == (128, 256, 384, 512, 640, 768, 896, 1024)
+
+
+def test_cache_lengths_round_up_to_whole_key_tiles_where_the_keys_are_tiled() -> None:
+    from memagent_jax.models.transformer import cache_shapes
+    from memagent_jax.models.model_config import ModelConfig
+
+    assert cache_length(64, 600, "cpu") == 640 and cache_length(64, 640, "cpu") == 640
+    assert cache_length(16, 600, "cpu") == 600  # head_dim < 32: one tile of all slots
+    assert cache_length(64, 600, "tpu") == 600 and cache_length(64, 600, "gpu") == 600
+    config = ModelConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_layers=2,
+                         num_heads=2, num_kv_heads=1, head_dim=64)
+    keys, values = cache_shapes(config, batch=3, length=600, platform="cpu")
+    assert keys == (2, 3, 1, 640 // KEY_TILE, 64, KEY_TILE) and values == (2, 3, 1, 640, 64)
 
 
 def tiled(keys, tile=KEY_TILE):

@@ -104,6 +104,12 @@ def slot_multiple(head_dim: int, platform: str | None = None) -> int:
     return KEY_TILE if tiled else 1
 
 
+def cache_length(head_dim: int, length: int, platform: str | None = None) -> int:
+    """The slots a cache asked for `length` slots holds: `length` rounded up to `slot_multiple`."""
+    multiple = slot_multiple(head_dim, platform)
+    return -(-length // multiple) * multiple
+
+
 def slot_axis(axes: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, int]:
     """(axis, slots per index) of the slots in an array of `shape` with logical `axes`
     (`cache_axes`, possibly without "layers"): slicing its first `n` slots slices

@@ -23,7 +23,7 @@ from memagent_jax.models.lora import (
 )
 from memagent_jax.models.model_config import ModelConfig, dtype_from_name
 from memagent_jax.models.paged_attention import paged_cache_write, uses_paged_decode
-from memagent_jax.models.platform import ROWS, cache_axes, key_tile, kv_cache_layout, slot_multiple
+from memagent_jax.models.platform import ROWS, cache_axes, cache_length, key_tile, kv_cache_layout
 from memagent_jax.models.sharding import constrain_batch, constrain_vocab
 
 
@@ -66,8 +66,7 @@ def cache_shapes(config: ModelConfig, batch: int, length: int, platform: str | N
     """Shapes of the KV cache's keys and values (`KVCache`) for `platform` (None: the target's),
     `length` slots rounded up to the layout's multiple (`slot_multiple`: the CPU's key tiles;
     the slots behind a row's last written one are never attended to)."""
-    multiple = slot_multiple(config.head_dim, platform)
-    length = -(-length // multiple) * multiple
+    length = cache_length(config.head_dim, length, platform)
     tile = key_tile(config.head_dim, length)
     sizes = dict(layers=config.num_layers, batch=batch, kv_heads=config.num_kv_heads,
                  head_dim=config.head_dim, cache_length=length, key_tiles=length // tile,
