@@ -12,7 +12,9 @@ programs act on it (a prefill/insert + generate split, as in JetStream):
   on each layer's cache cut to the slots it can reach (`Engine._read_len`).
 
 The programs are in engine_programs.py; this module is the host side. Between programs the host
-returns finished rows and refills their slots. Each request samples
+frees finished rows, refills their slots and dispatches the next decode call before it hands the
+finished rows to the caller, whose work on them (the next turn's prompt) then overlaps the
+device's. Each request samples
 from its own PRNG stream fold_in(row_key, its own step), with per-request temperature / top-p /
 top-k / stop ids / max_new_tokens as traced values, so its tokens and log-probs do not depend on
 the slot it ran in or on its neighbours: the output equals `sampler.generate`'s for the same
@@ -136,6 +138,7 @@ class Engine:
         self._next_id = 0
         self._counts = dict(prefill_calls=0, decode_calls=0, decode_steps=0, active_slot_steps=0,
                             device_wait_s=0.0)
+        self.dispatched_calls = 0  # decode calls dispatched (`stats()`' decode_calls: read back)
         self._slots = self._empty_slots()
 
     def _empty_slots(self) -> dict[str, jax.Array]:
@@ -184,13 +187,13 @@ class Engine:
             row_to_unique, unique_prompts = list(range(len(prompts))), prompts
         return batch, unique_prompts, row_to_unique, free
 
-    def _agree(self, plan: tuple) -> tuple[int, int, int, int, int]:
+    def _agree(self, plan: tuple, unyielded: int) -> tuple[int, int, int, int, int, int]:
         """(rows to prefill, unique prompts, longest prompt, requests still queued after this
-        prefill, requests pending), each the maximum over processes: one tiny all-gather per
-        engine call when multi-host."""
+        prefill, requests pending, results not yet yielded), each the maximum over processes:
+        one tiny all-gather per engine call when multi-host."""
         batch, unique_prompts, _, _ = plan
         local = (len(batch), len(unique_prompts), max((len(p) for p in unique_prompts), default=0),
-                 len(self._queue), self.pending + len(batch))
+                 len(self._queue), self.pending + len(batch), unyielded)
         if self.procs == 1:
             return local
         return tuple(int(v) for v in allgather_ints(local).max(axis=0))
@@ -312,19 +315,32 @@ class Engine:
 
     def run(self) -> Iterator[Result]:
         """Yields results as requests finish, until nothing is queued or running (multi-host:
-        on any process; a process with no work left still joins every call)."""
+        on any process; a process with no work left still joins every call).
+
+        A call's results are yielded while the next call runs: once a decode call returns, the
+        engine frees the finished slots, refills them from the queue and dispatches the next
+        call before handing the results over, so the caller's work on them (the next turn's
+        prompt, its `submit`) overlaps the device's instead of idling it. Requests submitted
+        then join the queue for the call after."""
+        results: list[Result] = []  # the last call's, yielded while the next one runs
         while True:
             plan = self._plan_refill()
-            rows_max, unique_max, longest, queued, pending_max = self._agree(plan)
-            if pending_max == 0:
-                return
+            rows_max, unique_max, longest, queued, pending_max, unyielded = self._agree(plan, len(results))
+            if pending_max == 0:  # nothing queued or in a slot on any process
+                if unyielded == 0:
+                    return
+                yield from results  # the caller may submit more
+                results = []
+                continue
             self._refill(plan, rows_max, unique_max, longest)
             # with requests waiting, return once enough slots are free to refill in one batch
             refill_at = np.int32(min(queued, self.refill_batch))
             STATS.decode_calls += 1
+            self.dispatched_calls += 1
             with mesh_context(self.mesh):
                 self._slots, info = _jitted_decode(self.decode_steps, self.mesh, self._read_len())(
                     self.graphdef, self.state, self._slots, self.vocab_limit, refill_at)
+            yield from results  # while the call runs
             waited = time.perf_counter()
             iters, occupied = (int(x) for x in np.asarray(info.addressable_data(0)))  # replicated
             self._counts["device_wait_s"] += time.perf_counter() - waited
@@ -333,8 +349,7 @@ class Engine:
             STATS.slot_steps += iters * self.num_slots
             for name, n in (("decode_calls", 1), ("decode_steps", iters), ("active_slot_steps", occupied)):
                 self._counts[name] += n
-            yield from self._collect()
-
+            results = self._collect()
 
 
 def engine_generate(

@@ -165,6 +165,25 @@ def test_submit_can_interleave_with_run(model):
     assert by_id[extra].tokens == ref.tokens[0]
 
 
+def test_results_are_handed_over_while_the_next_call_runs(model):
+    """While requests wait for slots, a call's results reach the caller after the next decode
+    call was dispatched (its refill included): the caller's work overlaps the device's."""
+    prompts = _prompts(12, [5, 8, 3, 9, 6, 4, 7, 10])
+    max_news = [2, 9, 3, 12, 4, 6, 2, 8]
+    engine = eng.Engine(model, slots=2, max_len=96, decode_steps=4, refill_batch=1)
+    ids = [engine.submit(eng.Request(p, m, eng.row_key(3, r), 1.0))
+           for r, (p, m) in enumerate(zip(prompts, max_news))]
+    in_flight, done = [], {}
+    for res in engine.run():
+        # calls dispatched minus calls whose results were read: 1 = the next call is running
+        in_flight.append(engine.dispatched_calls - engine.stats()["decode_calls"])
+        done[res.request_id] = res
+    assert in_flight[0] == 1 and set(in_flight) <= {0, 1}, in_flight
+    assert in_flight.count(1) >= len(prompts) - 2  # all but the last calls' results overlap
+    ref = _reference(model, prompts, max_news, seed=3, temperature=1.0)
+    _assert_same([(done[i].tokens, done[i].logps, done[i].finish_reason) for i in ids], ref)
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(prompt=[]), "empty"),
     (dict(max_new_tokens=0), "max_new_tokens"),
