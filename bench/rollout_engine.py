@@ -4,7 +4,10 @@ The memory agent's rollout (`rollout()`, T=1, group sampling) runs on both paths
 seeds, interleaved (bench/timing.py: a warm-up each, then `--repeats` rounds of at least
 `--min-seconds` per side); prints ONE JSON line: `ratio` = static / engine seconds per rollout,
 median and spread (min, max) over the rounds, whether the outputs are identical, the reply-length
-distribution, the engine's slot occupancy and its host vs device seconds.
+distribution, the engine's slot occupancy and where its last rollout's wall time went: blocked on
+the device (`device_wait_s`), the engine's own host work (`host_s`: refills, reads, bookkeeping),
+the rollout's work on finished replies (`caller_s`, overlapping the next decode call) and the
+rest of the rollout outside the engine's loop (`outside_s`: building and recording).
 
 Reply lengths, MemAgent-like: most memory turns add little to the note, some rewrite it up to the
 memory budget. A random model samples them: its embeddings scaled by `--logit-scale` make the
@@ -100,8 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
                        p90=float(np.percentile(lengths, 90)), max=int(lengths.max()),
                        share_at_cap=round(float((lengths >= args.cap).mean()), 3)),
         engine=dict(eng, occupancy=round(eng["occupancy"], 3),
-                    device_wait_s=round(eng["device_wait_s"], 3),
-                    host_s=round(wall - eng["device_wait_s"], 3), wall_s=round(wall, 3)),
+                    **{k: round(eng[k], 3) for k in ("device_wait_s", "host_s", "caller_s", "run_s")},
+                    outside_s=round(wall - eng["run_s"], 3), wall_s=round(wall, 3)),
         timing=f"{args.repeats} interleaved rounds of >= {args.min_seconds} s per side after a warm-up",
         docs=args.docs, group=args.group, cap=args.cap, slots=args.slots,
         decode_steps=args.decode_steps, logit_scale=args.logit_scale,

@@ -137,7 +137,7 @@ class Engine:
         self._requests: dict[int, Request] = {}
         self._next_id = 0
         self._counts = dict(prefill_calls=0, decode_calls=0, decode_steps=0, active_slot_steps=0,
-                            device_wait_s=0.0)
+                            device_wait_s=0.0, caller_s=0.0, run_s=0.0)
         self.dispatched_calls = 0  # decode calls dispatched (`stats()`' decode_calls: read back)
         self._slots = self._empty_slots()
 
@@ -292,11 +292,20 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         """This engine's program calls, decode iterations, slot occupancy (active / slots) and
-        `device_wait_s`: seconds the host waited for the programs' results (the device-bound
-        part of `run()`; the rest of its wall time is host work: refills, reads, bookkeeping)."""
+        the wall time of `run()` (`run_s`) split three ways: `device_wait_s`, blocked on a decode
+        call's result; `caller_s`, handed over to the caller at its results (its work overlaps
+        the running call); `host_s`, the engine's own host work (refills, reads, bookkeeping)."""
         c = self._counts
-        return dict(c, slots=self.num_slots, max_len=self.max_len,
+        host = c["run_s"] - c["device_wait_s"] - c["caller_s"]
+        return dict(c, host_s=host, slots=self.num_slots, max_len=self.max_len,
                     occupancy=c["active_slot_steps"] / max(1, c["decode_steps"] * self.num_slots))
+
+    def _hand_over(self, results: list[Result]) -> Iterator[Result]:
+        """Yields `results`, counting the time the caller holds each (`caller_s`)."""
+        for res in results:
+            paused = time.perf_counter()
+            yield res
+            self._counts["caller_s"] += time.perf_counter() - paused
 
     def _read_len(self) -> int | None:
         """The cache slots the next decode call can reach, rounded up to `live_read_lengths`
@@ -322,6 +331,13 @@ class Engine:
         call before handing the results over, so the caller's work on them (the next turn's
         prompt, its `submit`) overlaps the device's instead of idling it. Requests submitted
         then join the queue for the call after."""
+        started = time.perf_counter()
+        try:
+            yield from self._run()
+        finally:  # also when the caller stops early
+            self._counts["run_s"] += time.perf_counter() - started
+
+    def _run(self) -> Iterator[Result]:
         results: list[Result] = []  # the last call's, yielded while the next one runs
         while True:
             plan = self._plan_refill()
@@ -329,7 +345,7 @@ class Engine:
             if pending_max == 0:  # nothing queued or in a slot on any process
                 if unyielded == 0:
                     return
-                yield from results  # the caller may submit more
+                yield from self._hand_over(results)  # the caller may submit more
                 results = []
                 continue
             self._refill(plan, rows_max, unique_max, longest)
@@ -340,7 +356,7 @@ class Engine:
             with mesh_context(self.mesh):
                 self._slots, info = _jitted_decode(self.decode_steps, self.mesh, self._read_len())(
                     self.graphdef, self.state, self._slots, self.vocab_limit, refill_at)
-            yield from results  # while the call runs
+            yield from self._hand_over(results)  # while the call runs
             waited = time.perf_counter()
             iters, occupied = (int(x) for x in np.asarray(info.addressable_data(0)))  # replicated
             self._counts["device_wait_s"] += time.perf_counter() - waited
