@@ -44,3 +44,18 @@ def derive(seed: Seed, *path: int) -> np.ndarray:
             raise ValueError(f"stream index {p} must be in [0, 2**32)")
         key = _fold_in(key, np.uint32(p))
     return np.asarray(key, np.uint32)
+
+
+_fold_in_rows = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)))
+
+
+def derive_rows(seed: Seed, rows: np.ndarray) -> np.ndarray:
+    """`derive(seed, r)` for every r in `rows` in one device call: keys [len(rows), 2] (the
+    rows padded to a power of two: few programs). The engine's rollout takes its requests' keys
+    from here up front, so that submitting a request never waits on the device."""
+    rows = np.asarray(rows, np.int64).reshape(-1)
+    if rows.size and not (0 <= rows.min() and rows.max() < 2**32):
+        raise ValueError(f"stream indices must be in [0, 2**32), got {rows.min()}..{rows.max()}")
+    padded = np.zeros((1 << max(0, int(rows.size) - 1).bit_length(),), np.uint32)
+    padded[: rows.size] = rows
+    return np.asarray(_fold_in_rows(as_key(seed), padded), np.uint32)[: rows.size]

@@ -23,7 +23,7 @@ import numpy as np
 
 from memagent_jax.agent.memory import MemoryPolicy
 from memagent_jax.agent.prompts import PromptBuilder
-from memagent_jax.seeds import Seed, derive
+from memagent_jax.seeds import Seed, derive, derive_rows
 from memagent_jax.types import Conversation, ConversationBatch, SampleOutput, Trajectory
 
 GenerateFn = Callable[..., SampleOutput]
@@ -277,6 +277,11 @@ def _rollout_continuous(docs: list[_Doc], trajs: list[Trajectory], memory: list[
             for k in range(num_steps)]
     first = _first_rows([len(r) for r in rows] + [len(trajs)], generate_fn.engine_config["mesh"])
     turn_keys = [derive(gen["seed"], k) for k in range(num_steps + 1)]
+    # every request's key (`engine.row_key`) up front, one device call per turn: a submit while
+    # the engine's next call runs must not wait on the device
+    row_keys = [derive_rows(turn_keys[k], first[k] + np.arange(len(rows[k]))) for k in range(num_steps)]
+    final_keys = derive_rows(turn_keys[num_steps],
+                             first[num_steps] + np.arange(max((t.trajectory_id for t in trajs), default=-1) + 1))
     outputs: dict[tuple[int, int], Any] = {}  # (turn, trajectory) -> engine Result; final = num_steps
     prompts: dict[tuple[int, int], list[int]] = {}
     owner: dict[int, tuple[int, int]] = {}
@@ -285,12 +290,12 @@ def _rollout_continuous(docs: list[_Doc], trajs: list[Trajectory], memory: list[
         d = docs[t.group_id]
         if k < t.num_chunks:
             prompt = policy.turn_prompt(builder, d.question_ids, memory[t.trajectory_id], d.chunks[k])
-            key = eng.row_key(turn_keys[k], first[k] + rows[k][t.trajectory_id])
+            key = row_keys[k][rows[k][t.trajectory_id]]
             max_new = gen["max_memory_new_tokens"]
         else:
             k = num_steps
             prompt = policy.final_prompt(builder, d.question_ids, memory[t.trajectory_id])
-            key = eng.row_key(turn_keys[num_steps], first[num_steps] + t.trajectory_id)
+            key = final_keys[t.trajectory_id]
             max_new = gen["max_final_new_tokens"]
         prompts[(k, t.trajectory_id)] = prompt
         owner[engine.submit(eng.Request(prompt, max_new, key, **request_kw))] = (k, t.trajectory_id)
