@@ -139,6 +139,7 @@ class Engine:
         self._counts = dict(prefill_calls=0, decode_calls=0, decode_steps=0, active_slot_steps=0,
                             device_wait_s=0.0, caller_s=0.0, run_s=0.0)
         self.dispatched_calls = 0  # decode calls dispatched (`stats()`' decode_calls: read back)
+        self._running_since: float | None = None  # run()'s start while it runs
         self._slots = self._empty_slots()
 
     def _empty_slots(self) -> dict[str, jax.Array]:
@@ -295,7 +296,9 @@ class Engine:
         the wall time of `run()` (`run_s`) split three ways: `device_wait_s`, blocked on a decode
         call's result; `caller_s`, handed over to the caller at its results (its work overlaps
         the running call); `host_s`, the engine's own host work (refills, reads, bookkeeping)."""
-        c = self._counts
+        c = dict(self._counts)
+        if self._running_since is not None:  # read while run() is under way
+            c["run_s"] += time.perf_counter() - self._running_since
         host = c["run_s"] - c["device_wait_s"] - c["caller_s"]
         return dict(c, host_s=host, slots=self.num_slots, max_len=self.max_len,
                     occupancy=c["active_slot_steps"] / max(1, c["decode_steps"] * self.num_slots))
@@ -331,11 +334,12 @@ class Engine:
         call before handing the results over, so the caller's work on them (the next turn's
         prompt, its `submit`) overlaps the device's instead of idling it. Requests submitted
         then join the queue for the call after."""
-        started = time.perf_counter()
+        self._running_since = time.perf_counter()
         try:
             yield from self._run()
         finally:  # also when the caller stops early
-            self._counts["run_s"] += time.perf_counter() - started
+            self._counts["run_s"] += time.perf_counter() - self._running_since
+            self._running_since = None
 
     def _run(self) -> Iterator[Result]:
         results: list[Result] = []  # the last call's, yielded while the next one runs

@@ -179,7 +179,9 @@ def test_results_are_handed_over_while_the_next_call_runs(model):
     in_flight, done = [], {}
     for res in engine.run():
         # calls dispatched minus calls whose results were read: 1 = the next call is running
-        in_flight.append(engine.dispatched_calls - engine.stats()["decode_calls"])
+        midway = engine.stats()
+        in_flight.append(engine.dispatched_calls - midway["decode_calls"])
+        assert midway["run_s"] > 0 and midway["host_s"] >= 0  # the split holds while run() runs
         done[res.request_id] = res
         time.sleep(0.01)  # the caller's work on a result: counted as caller_s, not host_s
     stats = engine.stats()
